@@ -1,0 +1,339 @@
+"""Typed configuration tree: the only place where defaults live.
+
+A run's config is ``OmegaConf.merge(structured(Config), *yaml_files, dotlist(overrides))``.
+YAML files in ``configs/`` hold overrides only. Unknown keys, wrong types and impossible
+combinations fail at start with a :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class Task(str, enum.Enum):
+    joint = "joint"
+    detection = "detection"
+    caption = "caption"
+
+
+class Balance(str, enum.Enum):
+    fixed = "fixed"
+    uncertainty = "uncertainty"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(str, enum.Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    # Directory written by tools/shard_coco.py: {split}-000000.tar ... and {split}-manifest.json.
+    shards_dir: str = "data/shards"
+    train_split: str = "train"
+    val_split: str = "val"
+    # Tokenizer: a HF hub name ("gpt2"), a local dir with tokenizer files, or "" to use the
+    # byte-level BPE that tools/shard_coco.py --train-tokenizer saved in shards_dir/tokenizer.
+    tokenizer: str = "gpt2"
+    batch_size: int = 2  # per rank, per micro-step
+    eval_batch_size: int = 2
+    num_workers: int = 2
+    # Resize keeping aspect: shorter side to one of train_min_sizes (random: scale jitter), longer
+    # side capped at max_size. Eval uses test_min_size.
+    train_min_sizes: list[int] = field(default_factory=lambda: [800])
+    test_min_size: int = 800
+    max_size: int = 1333
+    hflip_prob: float = 0.5
+    shuffle_buffer: int = 1000
+    max_caption_tokens: int = 32  # including BOS/EOS
+    # Image normalisation (ImageNet stats, as the timm Swin weights expect).
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    """timm Swin Transformer used through ``features_only``."""
+
+    name: str = "swin_base_patch4_window7_224"  # timm variant name (the one string lookup)
+    pretrained: bool = False  # timm hub weights for `name`
+    checkpoint_path: str = ""  # local weights file (.safetensors / .pth / .bin); wins over hub
+    grad_checkpointing: bool = False
+    drop_path_rate: float = 0.2
+    # Extra keyword arguments for timm.create_model (tiny CPU variants set embed_dim/depths/...).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RPNConfig:
+    """torchvision RegionProposalNetwork settings."""
+
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+
+
+@dataclass
+class RoIConfig:
+    """Cascade R-CNN head: one entry per stage in the per-stage lists."""
+
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7])
+    stage_loss_weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    # Box-coder target stds per stage (x, y, w, h); BoxCoder weights are their reciprocals.
+    bbox_stds: list[list[float]] = field(
+        default_factory=lambda: [
+            [0.1, 0.1, 0.2, 0.2],
+            [0.05, 0.05, 0.1, 0.1],
+            [0.033, 0.033, 0.067, 0.067],
+        ]
+    )
+    class_agnostic_bbox: bool = True
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    roi_output_size: int = 7
+    sampling_ratio: int = 2
+    representation_size: int = 1024
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class CaptionerConfig:
+    """GPT-2 decoder with cross-attention to visual tokens."""
+
+    # HF hub name ("gpt2") or local dir; used when pretrained is true.
+    name: str = "gpt2"
+    pretrained: bool = False
+    # Sizes used when not pretrained (random init, e.g. tiny CPU models).
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 64
+    grad_checkpointing: bool = False
+    # Visual memory: the last backbone stage flattened; optionally add FPN levels too.
+    use_fpn_levels: bool = False
+    fpn_levels: list[str] = field(default_factory=lambda: ["2"])
+    max_new_tokens: int = 30
+    num_beams: int = 1  # 1 = greedy
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn_channels: int = 256
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    num_classes: int = 80  # foreground classes K; labels are 1..K (0 is background)
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class LossConfig:
+    task: Task = Task.joint
+    # λ in L = L_det + λ·L_cap (paper: 0.1 small, 0.2 large). Used when balance is fixed.
+    caption_weight: float = 0.2
+    balance: Balance = Balance.fixed
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # heads (FPN, RPN, RoI, captioner)
+    backbone_lr: float = 1e-5
+    weight_decay: float = 0.05  # not applied to norms, biases, embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: Precision = Precision.bf16
+    offload_optimizer: bool = False  # ZeRO-Offload to CPU (stage >= 1)
+    overlap_comm: bool = True
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    dist_timeout_s: int = 1800  # a rank that stops responding fails the job after this
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "ticod"
+    entity: str = ""
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000  # steps; 0 = only at the end
+    keep_last: int = 3
+    resume: str = ""  # "", "auto" (latest complete checkpoint in run_dir) or a checkpoint dir
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0 = only when asked (python -m ticod.evaluate) or at the end
+    at_end: bool = True
+    max_images: int = 0  # 0 = the whole val split
+    score_threshold: float = 0.0
+    num_sample_images: int = 4  # predictions logged as wandb media
+    # BERTScore: HF model name or local dir; num_layers = 0 means bert-score's default for the model.
+    bertscore_model: str = "roberta-large"
+    bertscore_num_layers: int = 0
+    bertscore_rescale_with_baseline: bool = False
+    bertscore: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 90_000
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    max_bad_fraction: float = 0.01  # bad samples / samples read before the run stops
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated config from the schema, an optional YAML file and ``key=value`` overrides.
+
+    YAML files may name a base with a top-level ``defaults: [other.yaml]`` list (paths relative
+    to the file), applied before the file itself.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = _yaml_layers(Path(path)) if path else []
+        dotlist = OmegaConf.from_dotlist(list(overrides or []))
+        merged = OmegaConf.merge(schema, *layers, dotlist)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    validate(merged)
+    return merged  # type: ignore[return-value]
+
+
+def _yaml_layers(path: Path) -> list[DictConfig]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    node = OmegaConf.load(path)  # yaml.safe_load underneath
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = node.pop("defaults", None) or []
+    layers: list[DictConfig] = []
+    for base in bases:
+        layers += _yaml_layers(path.parent / str(base))
+    return [*layers, node]
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Reject combinations that cannot run, naming the key."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"config key '{key}': {why}")
+
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        fail("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+    if cfg.max_steps < 1:
+        fail("max_steps", "must be >= 1")
+    if cfg.optim.warmup_steps > cfg.max_steps:
+        fail("optim.warmup_steps", f"{cfg.optim.warmup_steps} exceeds max_steps={cfg.max_steps}")
+    if cfg.optim.grad_accum < 1:
+        fail("optim.grad_accum", "must be >= 1")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        fail("data.batch_size", "batch sizes must be >= 1")
+    if cfg.data.num_workers < 0:
+        fail("data.num_workers", "must be >= 0")
+    if not cfg.data.train_min_sizes or min(cfg.data.train_min_sizes) < 32:
+        fail("data.train_min_sizes", "needs at least one size >= 32")
+    if max(cfg.data.train_min_sizes) > cfg.data.max_size or cfg.data.test_min_size > cfg.data.max_size:
+        fail("data.max_size", "must be >= every min size")
+    if cfg.checkpoint.keep_last < 1:
+        fail("checkpoint.keep_last", "must be >= 1 (the newest checkpoint is always kept)")
+    if cfg.loss.caption_weight < 0:
+        fail("loss.caption_weight", "must be >= 0")
+    if cfg.loss.balance == Balance.uncertainty and cfg.loss.task != Task.joint:
+        fail("loss.balance", "uncertainty weighting needs loss.task=joint (two tasks to balance)")
+    roi = cfg.model.roi
+    n = len(roi.iou_thresholds)
+    if n < 1 or len(roi.stage_loss_weights) != n or len(roi.bbox_stds) != n:
+        fail("model.roi", "iou_thresholds, stage_loss_weights and bbox_stds need one entry per stage")
+    if any(len(s) != 4 for s in roi.bbox_stds):
+        fail("model.roi.bbox_stds", "each stage needs 4 stds (x, y, w, h)")
+    if cfg.model.num_classes < 1:
+        fail("model.num_classes", "must be >= 1")
+    cap = cfg.model.captioner
+    if cap.n_embd % cap.n_head:
+        fail("model.captioner.n_embd", f"{cap.n_embd} is not divisible by n_head={cap.n_head}")
+    if cfg.data.max_caption_tokens > cap.n_positions and not cap.pretrained:
+        fail("data.max_caption_tokens", f"exceeds model.captioner.n_positions={cap.n_positions}")
+    if cap.num_beams < 1:
+        fail("model.captioner.num_beams", "must be >= 1")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        fail("max_bad_fraction", "must be in [0, 1]")
+
+
+def to_yaml(cfg: Config | DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: Config | DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -217,6 +217,11 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps; 0 = only when asked (python -m ticod.evaluate) or at the end
+    # Ground truth for COCOeval / caption references: the original COCO JSON files when given,
+    # else rebuilt from the val shards (which carry every box, crowd flag, area and caption).
+    instances_json: str = ""
+    captions_json: str = ""
+    at_start: bool = False  # evaluate the untrained model first (a baseline for the final numbers)
     at_end: bool = True
     max_images: int = 0  # 0 = the whole val split
     score_threshold: float = 0.0

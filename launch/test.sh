@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv if needed and run the test suite: launch/test.sh [pytest args]
+# Default: every test except the opt-in Slurm cluster tests (TICOD_TEST_SLURM=1 adds them).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/setup.sh
+source "$ROOT/launch/setup.sh"
+cd "$ROOT"
+if [[ $# -eq 0 ]]; then
+  set -- -q
+fi
+set -x
+exec python -m pytest "$@"

@@ -1,0 +1,88 @@
+"""Config schema: YAML + overrides merge, and start-up errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from ticod.config import Balance, ConfigError, Precision, Task, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(overrides=["data.batch_size=3", "loss.task=caption", "deepspeed.precision=fp32"])
+    assert cfg.data.batch_size == 3
+    assert cfg.loss.task == Task.caption
+    assert cfg.deepspeed.precision == Precision.fp32
+    assert to_dict(cfg)["loss"]["task"] == "caption"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ticod_small.yaml", "ticod_large.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.num_classes >= 1
+
+
+def test_paper_settings():
+    large, small = load_config(CONFIGS / "ticod_large.yaml"), load_config(CONFIGS / "ticod_small.yaml")
+    assert large.model.backbone.name.startswith("swin_base")
+    assert large.loss.caption_weight == pytest.approx(0.2)
+    assert large.deepspeed.zero_stage == 2 and large.deepspeed.precision == Precision.bf16
+    assert large.model.backbone.grad_checkpointing and large.model.captioner.grad_checkpointing
+    assert small.model.backbone.name.startswith("swin_tiny")
+    assert small.loss.caption_weight == pytest.approx(0.1)
+
+
+def test_yaml_defaults_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text("max_steps: 50\noptim:\n  warmup_steps: 5\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\nseed: 7\n")
+    cfg = load_config(tmp_path / "child.yaml", ["max_steps=60"])
+    assert (cfg.max_steps, cfg.seed, cfg.optim.warmup_steps) == (60, 7, 5)
+
+
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match=r"data\.batch_sise"):
+        load_config(overrides=["data.batch_sise=3"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  backbone:\n    nam: swin\n")
+    with pytest.raises(ConfigError, match=r"model\.backbone\.nam"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_bad_type_names_it():
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(overrides=["optim.lr=fast"])
+
+
+def test_bad_enum_names_it():
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision"):
+        load_config(overrides=["deepspeed.precision=fp8"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "deepspeed.offload_optimizer"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+        (["max_steps=10", "optim.warmup_steps=20"], "optim.warmup_steps"),
+        (["loss.balance=uncertainty", "loss.task=caption"], "loss.balance"),
+        (["model.roi.iou_thresholds=[0.5,0.6]"], "model.roi"),
+        (["model.captioner.n_embd=100", "model.captioner.n_head=3"], "model.captioner.n_embd"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["data.train_min_sizes=[900]", "data.max_size=800"], "data.max_size"),
+    ],
+)
+def test_impossible_combinations(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("does/not/exist.yaml")
+
+
+def test_balance_enum():
+    assert load_config(overrides=["loss.balance=uncertainty"]).loss.balance == Balance.uncertainty

@@ -1,0 +1,144 @@
+"""Checkpoints: atomic publish, latest-complete lookup, keep-last-K, export to safetensors.
+
+Layout of a run dir::
+
+    run_dir/config.yaml  categories.json  tokenizer/  train_log.jsonl
+    run_dir/checkpoints/step_00000100/   DeepSpeed files + rng_rank{r}.pt + trainer_state.json
+    run_dir/checkpoints/.tmp-step_...    a checkpoint being written (never picked as latest)
+    run_dir/export/                      model.safetensors + config.yaml + categories.json + tokenizer/
+
+DeepSpeed's rank 0 writes its ``latest`` tag before the other ranks finish, and it keeps no last-K,
+so we do not use its tag file: every rank writes into a temp dir, all ranks meet at a barrier,
+then rank 0 writes ``trainer_state.json`` and renames the dir into place. A rename is atomic on
+POSIX filesystems, so a checkpoint dir without the ``.tmp-`` prefix is always complete. Multi-node
+runs need ``run_dir`` on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+CKPT_DIR = "checkpoints"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Published (complete) checkpoints, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """``""`` -> None, ``auto`` -> latest complete checkpoint (or None), else the given dir."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete TICOD checkpoint dir")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Save on every rank (collective), publish atomically, prune to the newest ``keep_last``."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = Path(run_dir) / CKPT_DIR
+    name = checkpoint_name(step)
+    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-write
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier()  # every rank has finished writing its shards
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():  # re-saving a step (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; never the newest one."""
+    ckpts = list_checkpoints(run_dir)
+    doomed = ckpts[: max(0, len(ckpts) - max(1, keep_last))]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return trainer state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path, _ = engine.load_checkpoint(
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+@dataclass
+class RunFiles:
+    """The run-level files every checkpoint and export share."""
+
+    config_yaml: str
+    categories: list[dict]
+    tokenizer: Any  # a transformers tokenizer (save_pretrained)
+
+
+def write_run_files(directory: str | Path, files: RunFiles) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(files.config_yaml)
+    (d / "categories.json").write_text(json.dumps(files.categories, indent=2))
+    files.tokenizer.save_pretrained(str(d / "tokenizer"))

@@ -1,0 +1,116 @@
+"""Everything that touches DeepSpeed: its config, process-group start, the engine, ZeRO consolidation.
+
+This is the project's only ``import deepspeed``. Mixed precision: ``bf16`` uses DeepSpeed's
+``torch_autocast`` mode (fp32 master weights in the module, bf16 matmuls/convs under autocast, bf16
+gradient reduction for Linear/Conv layers), which keeps box arithmetic (anchors, box coding, RoI
+coordinates) in fp32; ``fp16`` uses DeepSpeed's classic fp16 mode with dynamic loss scaling.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ticod.config import Config, Precision
+from ticod.optim import build_optimizer, build_scheduler
+
+
+def _ds():
+    # DeepSpeed picks its accelerator at import time; with no GPU it must be told to use the CPU.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(backend: str, timeout_s: int) -> None:
+    """Start the process group (env:// variables prepared by ticod.distributed)."""
+    _ds().init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Translate our typed config into a DeepSpeed JSON config."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(
+            overlap_comm=ds.overlap_comm and torch.cuda.is_available(),
+            allgather_bucket_size=ds.allgather_bucket_size,
+            reduce_bucket_size=ds.reduce_bucket_size,
+            contiguous_gradients=True,
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # We pass torch AdamW (or DeepSpeedCPUAdam when offloading); ZeRO partitions it like any other.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == Precision.bf16:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif ds.precision == Precision.fp16:
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with our AdamW groups and warmup+cosine schedule."""
+    deepspeed = _ds()
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        from ticod.optim import param_groups
+
+        optimizer = DeepSpeedCPUAdam(
+            param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True
+        )
+    else:
+        optimizer = build_optimizer(model, cfg.optim, fused=torch.cuda.is_available())
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def autocast_context(engine):
+    """The autocast context DeepSpeed would use for this engine (for eval outside engine.forward)."""
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    return autocast_if_enabled(engine)
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 full model weights from one DeepSpeed checkpoint dir (any ZeRO stage), no engine needed.
+
+    ZeRO stages 1-3 keep the fp32 master weights partitioned across the optimizer files; DeepSpeed's
+    own ``zero_to_fp32`` reassembles them. Stage 0 stores the full module in the model-states file.
+    Only checkpoint dirs written by our own runs are loaded (DeepSpeed reads them with pickle).
+    """
+    path = Path(checkpoint_dir)
+    if any(path.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        files = sorted(path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no DeepSpeed model states")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,371 @@
+"""Training entry point: ``python -m ticod.train --config configs/demo.yaml [key=value ...]``.
+
+Runs alone, under the ``deepspeed`` launcher, under torchrun or under Slurm's srun; the launcher is
+detected by :mod:`ticod.distributed`. The loop below is the whole training procedure, top to bottom:
+one optimizer step is ``grad_accum`` micro-batches; after each step come logging, evaluation,
+checkpointing and the preemption check, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ticod import checkpoint as ckpt_lib
+from ticod import engine as engine_lib
+from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
+from ticod.data.pipeline import build_train_loader, read_manifest
+from ticod.distributed import backend_for, select_device, world_info_from_env
+from ticod.export import export_checkpoint
+from ticod.factory import build_model, build_tokenizer
+from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, should_stop
+from ticod.tracker import Tracker, setup_console_logging
+
+log = logging.getLogger("ticod")
+
+# The bad-sample ceiling is judged only once this many samples were read (one early bad sample
+# in a small run is not a 1% rate).
+MIN_SAMPLES_FOR_BAD_RATIO = 100
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite losses or bad samples)."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides the engine to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches drawn from this rank's stream (the stream position)
+    samples: int = 0  # samples trained on, all ranks
+    nonfinite: int = 0  # micro-batches skipped for a non-finite loss
+    samples_read: int = 0  # samples read by the loaders, all ranks (incl. bad ones)
+    bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
+    train_time_s: float = 0.0
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with overrides of the schema in ticod/config.py")
+    p.add_argument("--resume", help="'auto' (latest complete checkpoint in run_dir) or a checkpoint dir")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = world_info_from_env()
+    setup_console_logging(info.rank)
+    device = select_device(info)
+    engine_lib.init_distributed(backend_for(device), cfg.deepspeed.dist_timeout_s)
+    try:
+        return train(cfg, rank=info.rank, world_size=info.world_size, device=device)
+    except TrainingStopped as e:
+        log.error("training stopped: %s", e)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> int:
+    run_dir = Path(cfg.run_dir)
+    tokenizer = build_tokenizer(cfg.data)
+    categories = read_manifest(cfg.data.shards_dir, cfg.data.train_split)["categories"]
+    if len(categories) != cfg.model.num_classes:
+        raise ConfigError(
+            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in "
+            f"{cfg.data.shards_dir} have {len(categories)} categories"
+        )
+
+    # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer).to(device)
+    engine = engine_lib.build_engine(model, cfg, world_size)
+    seed_everything(cfg.seed + 1000 * rank)
+
+    state = TrainState()
+    resume_from = ckpt_lib.resolve_resume(cfg.checkpoint.resume, run_dir)
+    if resume_from is not None:
+        state = TrainState(**ckpt_lib.load_checkpoint(engine, resume_from)["train"])
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    elif cfg.checkpoint.resume == "auto":
+        log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+    if rank == 0:
+        files = ckpt_lib.RunFiles(to_yaml(cfg), categories, tokenizer)
+        ckpt_lib.write_run_files(run_dir, files)
+    tracker = Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg))
+    evaluator = Evaluator(cfg, tokenizer, categories, rank=rank, world_size=world_size, device=device)
+    loader = build_train_loader(
+        cfg.data, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed, start_batch=state.batches
+    )
+    preemption = PreemptionHandler().install()
+    log.info(
+        "training %s: %d parameters, world size %d on %s, steps %d -> %d",
+        cfg.loss.task.value,
+        sum(p.numel() for p in model.parameters()),
+        world_size,
+        device,
+        state.step,
+        cfg.max_steps,
+    )
+
+    def save(step: int) -> Path:
+        ts = {"train": asdict(state), "config": to_dict(cfg)}
+        return ckpt_lib.save_checkpoint(engine, run_dir, step, ts, cfg.checkpoint.keep_last)
+
+    window = Window()
+    batches = iter(loader)
+    consecutive_nonfinite = 0
+    progress = make_progress(cfg, rank, state.step)
+    engine.train()
+    t_step = time.perf_counter()
+    while state.step < cfg.max_steps:
+        batch = next(batches)
+        state.batches += 1
+        window.add_stats(batch.get("stats", {}))
+        batch = to_device(batch, device)
+        losses = engine(
+            batch["images"],
+            targets=batch["targets"] if cfg.loss.task != Task.caption else None,
+            captions=batch["captions"] if cfg.loss.task != Task.detection else None,
+            image_sizes=batch["image_sizes"],
+        )
+        loss = losses["loss"]
+        if not all_ranks_true(bool(torch.isfinite(loss)), device):
+            # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
+            state.nonfinite += 1
+            consecutive_nonfinite += 1
+            log.warning(
+                "non-finite loss at step %d (skipped; %d in a row)", state.step, consecutive_nonfinite
+            )
+            if consecutive_nonfinite >= cfg.max_nonfinite:
+                # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
+                path = save(state.step)
+                raise TrainingStopped(
+                    f"{consecutive_nonfinite} consecutive non-finite losses (max_nonfinite="
+                    f"{cfg.max_nonfinite}); weights from before the fault saved in {path}"
+                )
+            continue
+        consecutive_nonfinite = 0
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        window.add_losses(losses, len(batch["image_sizes"]))
+        if not boundary:
+            continue
+
+        state.step += 1
+        now = time.perf_counter()
+        state.train_time_s += now - t_step
+        window.step_time += now - t_step
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+
+        if state.step % cfg.logging.log_every == 0 or state.step == cfg.max_steps:
+            metrics = window.reduce(device, world_size)
+            state.samples += metrics.pop("samples")
+            state.samples_read += metrics.pop("read")
+            for reason, n in metrics.pop("bad").items():
+                state.bad[reason] = state.bad.get(reason, 0) + n
+            metrics.update(
+                lr=engine.get_lr()[0],
+                grad_norm=_float(engine.get_global_grad_norm()),
+                peak_mem_gb=peak_memory_gb(device),
+                nonfinite_skipped=state.nonfinite,
+                bad_samples=sum(state.bad.values()),
+                samples=state.samples,
+            )
+            tracker.log(state.step, metrics, prefix="train/", echo=progress is None)
+            check_bad_fraction(state, cfg.max_bad_fraction)
+            window = Window()
+
+        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.max_steps:
+            evaluator.run(engine, state.step, tracker)
+            engine.train()
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+            save(state.step)
+        if should_stop(preemption, device):
+            path = save(state.step)
+            log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
+            tracker.close()
+            return REQUEUE_EXIT_CODE
+        t_step = time.perf_counter()
+
+    if progress is not None:
+        progress.close()
+    final = save(state.step)
+    metrics: dict[str, Any] = {}
+    if cfg.eval.at_end:
+        metrics = evaluator.run(engine, state.step, tracker)
+    if rank == 0:
+        export_checkpoint(final, run_dir / "export")
+        log.info("exported %s", run_dir / "export")
+    tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    tracker.close()
+    log.info("done: %d steps, %d samples, %.1f s training", state.step, state.samples, state.train_time_s)
+    return 0
+
+
+class Window:
+    """Loss and data statistics accumulated between two log lines on one rank."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.micro = 0
+        self.samples = 0
+        self.read = 0
+        self.bad: dict[str, int] = defaultdict(int)
+        self.step_time = 0.0
+
+    def add_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] += float(v.detach())
+        self.micro += 1
+        self.samples += batch_size
+
+    def add_stats(self, stats: dict) -> None:
+        self.read += int(stats.get("read", 0))
+        for reason, n in stats.get("bad", {}).items():
+            self.bad[reason] += int(n)
+
+    def reduce(self, device: torch.device, world_size: int) -> dict[str, Any]:
+        """Mean losses over ranks; summed counts; images/s over the window."""
+        keys = sorted(self.sums)
+        reasons = sorted(all_reasons(self.bad, device))
+        vec = torch.tensor(
+            [self.sums[k] for k in keys]
+            + [self.micro, self.samples, self.read]
+            + [self.bad[r] for r in reasons],
+            dtype=torch.float64,
+            device=device,
+        )
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        n = len(keys)
+        micro, samples, read = vec[n].item(), int(vec[n + 1].item()), int(vec[n + 2].item())
+        out: dict[str, Any] = {k: vec[i].item() / max(micro, 1) for i, k in enumerate(keys)}
+        out["images_per_s"] = samples / max(self.step_time, 1e-9)
+        out["step_time_s"] = self.step_time
+        out["samples"], out["read"] = samples, read
+        out["bad"] = {r: int(vec[n + 3 + i].item()) for i, r in enumerate(reasons)}
+        return out
+
+
+def all_reasons(bad: dict[str, int], device: torch.device) -> set[str]:
+    """Union of bad-sample reasons seen by any rank (so every rank reduces the same vector)."""
+    reasons = set(bad)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(reasons))
+        reasons = {r for rs in gathered for r in rs}
+    return reasons
+
+
+def check_bad_fraction(state: TrainState, ceiling: float) -> None:
+    bad = sum(state.bad.values())
+    if state.samples_read >= MIN_SAMPLES_FOR_BAD_RATIO and bad > ceiling * state.samples_read:
+        raise TrainingStopped(
+            f"{bad} of {state.samples_read} samples read were bad ({bad / state.samples_read:.2%} > "
+            f"max_bad_fraction={ceiling:.2%}); by reason: {dict(sorted(state.bad.items()))}"
+        )
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    out["images"] = batch["images"].to(device, non_blocking=True)
+    out["targets"] = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+    out["captions"] = {k: v.to(device, non_blocking=True) for k, v in batch["captions"].items()}
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
+
+
+def _float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def make_progress(cfg: Config, rank: int, start: int):
+    """A tqdm bar on rank 0 when stderr is a terminal; log lines otherwise (batch logs, Slurm)."""
+    if rank != 0 or not cfg.logging.progress_bar or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+class Evaluator:
+    """Evaluation on the val split inside training (all ranks take part)."""
+
+    def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
+        self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._gt = None
+
+    def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
+        from ticod.evaluate import run_evaluation
+
+        out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
+        engine.eval()
+        with torch.no_grad(), engine_lib.autocast_context(engine):
+            result = run_evaluation(
+                engine.module,
+                self.cfg,
+                self.tokenizer,
+                self.categories,
+                rank=self.rank,
+                world_size=self.world_size,
+                device=self.device,
+                out_dir=out_dir,
+            )
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        tracker.log(step, metrics, prefix="eval/")
+        tracker.log_images(step, "eval/predictions", result.sample_images)
+        return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(main())

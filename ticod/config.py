@@ -234,6 +234,16 @@ class EvalConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for reliability tests and drills; all off by default."""
+
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    kill_at_step: int = 0  # after this optimizer step, `kill_rank` SIGKILLs itself (0 = never)
+    kill_rank: int = 0
+    hang_at_step: int = 0  # after this step, `kill_rank` stops responding (sleeps) instead
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -248,6 +258,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -325,7 +336,14 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("model.roi.bbox_stds", "each stage needs 4 stds (x, y, w, h)")
     if cfg.model.num_classes < 1:
         fail("model.num_classes", "must be >= 1")
+    if len(cfg.model.rpn.anchor_sizes) != 5:
+        fail("model.rpn.anchor_sizes", "needs exactly 5 sizes, one per FPN level (P2-P5 and pool)")
     cap = cfg.model.captioner
+    bad_levels = set(cap.fpn_levels) - {"0", "1", "2", "3", "pool"}
+    if bad_levels:
+        fail("model.captioner.fpn_levels", f"unknown levels {sorted(bad_levels)}; use 0, 1, 2, 3, pool")
+    if cap.use_fpn_levels and cfg.loss.task == Task.caption:
+        fail("model.captioner.use_fpn_levels", "FPN levels are not built for loss.task=caption")
     if cap.n_embd % cap.n_head:
         fail("model.captioner.n_embd", f"{cap.n_embd} is not divisible by n_head={cap.n_head}")
     if cfg.data.max_caption_tokens > cap.n_positions and not cap.pretrained:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import resource
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from ticod import checkpoint as ckpt_lib
 from ticod import engine as engine_lib
-from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
+from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
@@ -137,6 +139,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
         ts = {"train": asdict(state), "config": to_dict(cfg)}
         return ckpt_lib.save_checkpoint(engine, run_dir, step, ts, cfg.checkpoint.keep_last)
 
+    if cfg.eval.at_start and state.step == 0:
+        evaluator.run(engine, 0, tracker)
     window = Window()
     batches = iter(loader)
     consecutive_nonfinite = 0
@@ -155,6 +159,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
             image_sizes=batch["image_sizes"],
         )
         loss = losses["loss"]
+        if state.step + 1 in cfg.faults.nan_loss_at_steps:
+            loss = loss * float("nan")
         if not all_ranks_true(bool(torch.isfinite(loss)), device):
             # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
             state.nonfinite += 1
@@ -209,6 +215,7 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
             engine.train()
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             save(state.step)
+        inject_process_fault(cfg.faults, state.step, rank)
         if should_stop(preemption, device):
             path = save(state.step)
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
@@ -309,6 +316,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
     out["targets"] = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
     out["captions"] = {k: v.to(device, non_blocking=True) for k, v in batch["captions"].items()}
     return out
+
+
+def inject_process_fault(faults: FaultConfig, step: int, rank: int) -> None:
+    if rank != faults.kill_rank:
+        return
+    if faults.kill_at_step == step:
+        log.warning("fault injection: SIGKILL rank %d after step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if faults.hang_at_step == step:
+        log.warning("fault injection: rank %d stops responding after step %d", rank, step)
+        while True:
+            time.sleep(3600)
 
 
 def seed_everything(seed: int) -> None:

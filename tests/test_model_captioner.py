@@ -1,0 +1,171 @@
+"""GPT-2 caption decoder: teacher-forced loss, visual memory, generation with the KV cache, loading."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ticod.config import CaptionerConfig
+from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, VisualMemory
+
+VOCAB, BOS, EOS = 50, 1, 2
+PADDED = (64, 96)
+SIZES = [(64, 96), (40, 50)]
+
+
+def decoder(**overrides) -> CaptionDecoder:
+    torch.manual_seed(0)
+    cfg = CaptionerConfig(
+        **{
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "n_positions": 24,
+            "dropout": 0.0,
+            "max_new_tokens": 6,
+            **overrides,
+        }
+    )
+    return CaptionDecoder(cfg, [16], VOCAB, BOS, EOS, EOS)
+
+
+def maps() -> list[torch.Tensor]:
+    return [torch.randn(2, 16, 2, 3, generator=torch.Generator().manual_seed(3))]  # stride 32 of PADDED
+
+
+def captions() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[BOS, 5, 6, 7, 8, EOS], [BOS, 9, 10, EOS, EOS, EOS]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    return ids, mask
+
+
+def test_memory_masks_tokens_in_the_batch_padding():
+    memory = VisualMemory([16], 32)
+    tokens, mask = memory(maps(), SIZES, PADDED)
+    assert tokens.shape == (2, 6, 32)
+    # Image 1 is 40x50 of the 64x96 batch: rows ceil(40/32)=2, columns ceil(50/32)=2 of 2x3 are inside.
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0]]
+
+
+def test_loss_is_cross_entropy_over_real_tokens_after_bos():
+    dec = decoder().eval()
+    ids, mask = captions()
+    loss = dec(maps(), SIZES, PADDED, ids, mask)
+
+    memory, memory_mask = dec.memory(maps(), SIZES, PADDED)
+    logits = dec.gpt(
+        input_ids=ids, attention_mask=mask, encoder_hidden_states=memory, encoder_attention_mask=memory_mask
+    ).logits
+    # Position t predicts token t+1; BOS is never a target, padding never counts (pad id == EOS here).
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    weights = mask[:, 1:].reshape(-1).float()
+    torch.testing.assert_close(loss, (per_token * weights).sum() / weights.sum())
+
+    other_pad = ids.masked_fill(mask == 0, 33)
+    torch.testing.assert_close(dec(maps(), SIZES, PADDED, other_pad, mask), loss)
+
+
+def test_loss_ignores_features_in_the_padding():
+    dec = decoder().eval()
+    ids, mask = captions()
+    changed = maps()
+    changed[0][1, :, :, 2] += 5.0  # image 1's column outside its 50 px width
+    torch.testing.assert_close(dec(changed, SIZES, PADDED, ids, mask), dec(maps(), SIZES, PADDED, ids, mask))
+    changed[0][1, :, 0, 0] += 5.0  # inside the image: must matter
+    assert not torch.allclose(dec(changed, SIZES, PADDED, ids, mask), dec(maps(), SIZES, PADDED, ids, mask))
+
+
+def greedy_without_cache(dec: CaptionDecoder, steps: int) -> torch.Tensor:
+    memory, memory_mask = dec.memory(maps(), SIZES, PADDED)
+    ids = torch.full((2, 1), BOS)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = dec.gpt(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+                use_cache=False,
+            ).logits
+            logits[:, -1, BOS] = -math.inf  # BOS (here unlike EOS) is never generated
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, 1:]
+
+
+def until(seq: list[int], eos: int) -> list[int]:
+    return seq[: seq.index(eos)] if eos in seq else seq
+
+
+def spread_weights(dec: CaptionDecoder) -> None:
+    """Large random weights, so that greedy and beam search pick varied tokens."""
+    for p in dec.gpt.parameters():
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=1.0)
+
+
+def test_greedy_generation_with_cache_matches_a_plain_argmax_loop_and_stops_at_eos():
+    dec = decoder(max_new_tokens=8).eval()
+    spread_weights(dec)
+    reference = greedy_without_cache(dec, 8).tolist()
+    generated = [g.tolist() for g in dec.generate(maps(), SIZES, PADDED, num_beams=1)]
+    assert generated == [until(r, EOS) for r in reference]
+
+    # Another end token, first produced after a few tokens of image 0: generation stops there.
+    new_eos = next(t for i, t in enumerate(reference[0]) if i >= 2 and reference[0].index(t) == i)
+    dec.eos_token_id = new_eos
+    generated = [g.tolist() for g in dec.generate(maps(), SIZES, PADDED, num_beams=1)]
+    assert generated == [until(r, new_eos) for r in reference]
+    assert len(generated[0]) >= 2 and len(generated[1]) == 8  # stopped early / ran to max_new_tokens
+
+
+def test_beam_search_with_cache_batches_images_independently():
+    dec = decoder(num_beams=3).eval()
+    spread_weights(dec)
+    batched = dec.generate(maps(), SIZES, PADDED)  # beams from the config
+    memory, memory_mask = dec.memory(maps(), SIZES, PADDED)
+    for i in range(2):
+        kwargs = {
+            "input_ids": torch.full((1, 1), BOS),
+            "encoder_hidden_states": memory[i : i + 1],
+            "encoder_attention_mask": memory_mask[i : i + 1],
+            "num_beams": 3,
+            "max_new_tokens": 6,
+            "do_sample": False,
+            "eos_token_id": EOS,
+            "pad_token_id": EOS,
+            "suppress_tokens": [BOS],
+        }
+        cached = dec.gpt.generate(**kwargs, use_cache=True)[0, 1:]
+        uncached = dec.gpt.generate(**kwargs, use_cache=False)[0, 1:]
+        assert cached.tolist() == uncached.tolist()
+        assert batched[i].tolist() == until(cached.tolist(), EOS)
+
+
+def test_pretrained_gpt2_from_a_local_dir_adds_only_cross_attention(tmp_path):
+    torch.manual_seed(5)
+    source = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=32, n_layer=2, n_head=2))
+    source.save_pretrained(tmp_path / "gpt2")
+    dec = decoder(name=str(tmp_path / "gpt2"), pretrained=True)
+    ours = dict(dec.gpt.named_parameters())
+    theirs = dict(source.named_parameters())
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
+    new = set(ours) - set(theirs)
+    assert new and all(any(part in n for part in CROSS_ATTENTION_PARTS) for n in new)
+    assert dec.gpt.config.add_cross_attention
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    ids, mask = captions()
+    results = []
+    for enable in (False, True):
+        dec = decoder(grad_checkpointing=enable).train()
+        loss = dec(maps(), SIZES, PADDED, ids, mask)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in dec.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)

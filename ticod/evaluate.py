@@ -1,0 +1,518 @@
+"""Evaluation: COCO box AP and caption metrics of a model on a finite split, on any number of ranks.
+
+``python -m ticod.evaluate --checkpoint PATH [--data SHARDS_DIR] [--split val] [--out DIR] [key=value ...]``
+runs alone or under torchrun / srun (every rank evaluates its share of the split). Training calls
+:func:`run_evaluation` every ``eval.every`` steps with the same code.
+
+Each rank runs its own share of the eval stream with no collective inside the loop (shares may be
+uneven); the per-image predictions are then gathered to rank 0, which checks that every image was
+counted exactly once, computes the metrics and writes ``metrics.json``, ``detections.json`` (COCO
+results format: original image ids, original category ids, xywh in original image pixels) and
+``captions.json``. Rank 0 broadcasts the metrics, or its error, so every rank returns or raises alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from pycocotools.coco import COCO
+
+from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
+from ticod.metrics.captioning import caption_metrics, load_bertscorer
+from ticod.metrics.detection import detection_metrics
+from ticod.visualize import draw_predictions
+
+log = logging.getLogger("ticod")
+
+# Sample images for wandb show only confident boxes: at score threshold 0 an image has up to 100 boxes.
+SAMPLE_MIN_SCORE = 0.3
+
+
+class EvalCountError(RuntimeError):
+    """The gathered predictions do not cover the split exactly once."""
+
+
+@dataclass
+class GroundTruth:
+    """What the predictions are scored against.
+
+    Attributes:
+        instances: COCO instances ground truth (boxes, crowd flags, areas, categories); None when only
+            captions are evaluated.
+        captions: Image id -> all reference captions.
+        image_ids: The images of the evaluated split (or subset), each expected exactly once.
+    """
+
+    instances: COCO | None
+    captions: dict[int, list[str]]
+    image_ids: list[int]
+
+
+@dataclass
+class EvalResult:
+    """Metrics (same on every rank) and, on rank 0, rendered sample predictions for wandb."""
+
+    metrics: dict[str, Any]
+    sample_images: list[tuple[Image.Image, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- predictions
+def to_records(
+    outputs: list[dict[str, Any]], meta: list[dict[str, Any]], tokenizer: Any
+) -> list[dict[str, Any]]:
+    """Model eval outputs -> plain per-image records (picklable, device-free) for the gather.
+
+    Boxes stay xyxy in original pixels (the model was given ``orig_sizes``); labels stay 1..K.
+    """
+    records = []
+    for out, m in zip(outputs, meta, strict=True):
+        rec: dict[str, Any] = {"image_id": int(m["image_id"])}
+        if "boxes" in out:
+            rec["boxes"] = out["boxes"].detach().float().cpu().tolist()
+            rec["scores"] = out["scores"].detach().float().cpu().tolist()
+            rec["labels"] = out["labels"].detach().cpu().tolist()
+        if "caption_ids" in out:
+            ids = out["caption_ids"].detach().cpu().tolist()
+            rec["caption"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        records.append(rec)
+    return records
+
+
+def coco_detections(
+    records: Iterable[dict[str, Any]], category_ids: Sequence[int], score_threshold: float
+) -> list[dict]:
+    """Records -> COCO results: original category ids (``category_ids[label - 1]``), xywh boxes."""
+    results = []
+    for rec in records:
+        for (x1, y1, x2, y2), score, label in zip(
+            rec.get("boxes", []), rec.get("scores", []), rec.get("labels", []), strict=True
+        ):
+            if score < score_threshold:
+                continue
+            results.append(
+                {
+                    "image_id": rec["image_id"],
+                    "category_id": int(category_ids[label - 1]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    return results
+
+
+def dedupe(
+    records: Iterable[dict[str, Any]], expected_ids: Iterable[int], bad_samples: int = 0
+) -> list[dict[str, Any]]:
+    """One record per image, sorted by id; raise unless they are exactly the expected images.
+
+    A loader may repeat samples to even out ranks, so duplicates are dropped. Samples skipped as bad
+    (undecodable) are the only images allowed to be missing.
+
+    Raises:
+        EvalCountError: unknown images, or more images missing than ``bad_samples``.
+    """
+    expected = set(expected_ids)
+    unique: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        unique.setdefault(rec["image_id"], rec)
+    unknown = sorted(set(unique) - expected)
+    missing = sorted(expected - set(unique))
+    if unknown or len(missing) != bad_samples:
+        raise EvalCountError(
+            f"predictions for {len(unique)} images, expected {len(expected)} with {bad_samples} bad samples: "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unknown)} not in the ground truth (e.g. {unknown[:5]})"
+        )
+    return [unique[i] for i in sorted(unique)]
+
+
+# --------------------------------------------------------------------------------- distributed
+def _gather(obj: Any, rank: int, world_size: int) -> list[Any] | None:
+    """``obj`` of every rank on rank 0 (None elsewhere)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _from_rank0(payload: Any, world_size: int) -> Any:
+    """Rank 0's ``payload`` on every rank."""
+    if world_size == 1:
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_result: bool) -> Any:
+    """Run ``work()`` on rank 0 only; if it fails every rank raises (none is left waiting in a collective).
+
+    Returns the result on rank 0, and on the other ranks too when ``share_result``, else None there.
+    """
+    result: Any = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, after the other ranks were told
+            error = e
+    status = _from_rank0(
+        {
+            "error": f"{type(error).__name__}: {error}" if error else None,
+            "result": result if share_result else None,
+        },
+        world_size,
+    )
+    if error is not None:
+        raise error
+    if status["error"]:
+        raise RuntimeError(f"evaluation failed on rank 0: {status['error']}")
+    return result if rank == 0 else status["result"]
+
+
+# ---------------------------------------------------------------------------------------- loop
+def _predict(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    device: torch.device,
+    num_samples: int,
+) -> tuple[list[dict[str, Any]], int, int, list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]]:
+    """This rank's predictions, samples read, bad samples, and the first ``num_samples`` (image, meta, record)."""
+    records: list[dict[str, Any]] = []
+    samples: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
+    read = bad = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            stats = batch.get("stats", {})
+            read += int(stats.get("read", 0))
+            bad += sum(int(n) for n in stats.get("bad", {}).values())
+            meta = batch["meta"]
+            outputs = model(
+                batch["images"].to(device, non_blocking=True),
+                image_sizes=batch["image_sizes"],
+                orig_sizes=[tuple(m["orig_size"]) for m in meta],
+            )
+            new = to_records(outputs, meta, tokenizer)
+            records += new
+            for i in range(min(len(new), num_samples - len(samples))):
+                h, w = batch["image_sizes"][i]
+                samples.append((batch["images"][i, :, :h, :w].cpu(), meta[i], new[i]))
+    return records, read, bad, samples
+
+
+def render_sample(
+    image: torch.Tensor,
+    meta: dict[str, Any],
+    record: dict[str, Any],
+    category_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    min_score: float = SAMPLE_MIN_SCORE,
+) -> tuple[Image.Image, str]:
+    """A normalised, resized eval image with its predictions drawn (boxes rescaled to the resized image)."""
+    pixels = image.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    pil = Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    keep = [i for i, s in enumerate(record.get("scores", [])) if s >= min_score]
+    boxes = [[v * meta["scale"] for v in record["boxes"][i]] for i in keep]
+    names = [category_names[record["labels"][i] - 1] for i in keep]
+    caption = record.get("caption")
+    drawn = draw_predictions(pil, boxes, names, [record["scores"][i] for i in keep], caption)
+    return drawn, f"{record['image_id']}: {caption or ''}"
+
+
+# ------------------------------------------------------------------------------------- metrics
+def compute_metrics(
+    records: list[dict[str, Any]],
+    gt: GroundTruth,
+    category_ids: Sequence[int],
+    cfg: EvalConfig,
+    *,
+    bertscorer: Any = None,
+) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Metrics of deduplicated records, the COCO results list and the caption list."""
+    ids = [r["image_id"] for r in records]
+    metrics: dict[str, Any] = {"num_images": len(records)}
+    detections: list[dict] = []
+    if any("boxes" in r for r in records):
+        if gt.instances is None:
+            raise ValueError("the model predicts boxes but no instances ground truth was given")
+        detections = coco_detections(records, category_ids, cfg.score_threshold)
+        metrics.update(detection_metrics(gt.instances, detections, image_ids=ids))
+        metrics["num_detections"] = len(detections)
+    captions = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records if "caption" in r]
+    if captions:
+        hyps = {c["image_id"]: c["caption"] for c in captions}
+        metrics.update(caption_metrics(gt.captions, hyps, bertscore_model=None, scorer=bertscorer))
+    return metrics, detections, captions
+
+
+def write_outputs(
+    out_dir: Path, metrics: dict[str, Any], detections: list[dict], captions: list[dict]
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    (out_dir / "detections.json").write_text(json.dumps(detections))
+    (out_dir / "captions.json").write_text(json.dumps(captions, indent=1))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    *,
+    gt: GroundTruth,
+    category_ids: Sequence[int],
+    category_names: Sequence[str],
+    tokenizer: Any,
+    cfg: EvalConfig,
+    rank: int,
+    world_size: int,
+    out_dir: str | Path,
+    device: torch.device,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> EvalResult:
+    """Evaluate ``model`` on this rank's share of the finite ``loader``; metrics on every rank.
+
+    Call on every rank (collective after the loop). The caller sets autocast; gradients are off here.
+
+    Args:
+        model: A TICOD (or a DeepSpeed engine's ``.module``).
+        loader: This rank's batches (the collate interface), each image of the split on exactly one rank.
+        gt: Ground truth; ``gt.image_ids`` are the images the ranks together must cover.
+        category_ids: Original COCO category id of each label 1..K (``category_ids[label - 1]``).
+        category_names: Name of each label 1..K, for the sample images.
+        tokenizer: Decodes generated caption ids.
+        cfg: Score threshold, BERTScore settings, number of sample images.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        out_dir: Where rank 0 writes metrics.json, detections.json and captions.json.
+        device: Device of the model.
+        image_mean: Normalisation mean of the batches (to render sample images).
+        image_std: Normalisation std of the batches.
+
+    Raises:
+        EvalCountError: (RuntimeError on ranks other than 0) images of ``gt.image_ids`` missing beyond the
+            bad samples, or images not in it.
+    """
+    t0 = time.perf_counter()
+    captioning = getattr(model, "captioner", None) is not None
+
+    def load_scorer() -> Any:
+        # Before the loop: a BERTScore model that cannot load fails in seconds, not after the eval.
+        if not (captioning and cfg.bertscore):
+            return None
+        return load_bertscorer(
+            cfg.bertscore_model,
+            cfg.bertscore_num_layers,
+            cfg.bertscore_rescale_with_baseline,
+            device=str(device),
+        )
+
+    scorer = _on_rank0(load_scorer, rank, world_size, share_result=False)
+
+    num_samples = cfg.num_sample_images if rank == 0 else 0
+    records, read, bad, samples = _predict(model, loader, tokenizer, device, num_samples)
+    t_loop = time.perf_counter() - t0
+    gathered = _gather((records, read, bad), rank, world_size)
+
+    def score() -> dict[str, Any]:
+        assert gathered is not None
+        all_records = [r for recs, _, _ in gathered for r in recs]
+        total_bad = sum(b for _, _, b in gathered)
+        unique = dedupe(all_records, gt.image_ids, total_bad)
+        metrics, detections, captions = compute_metrics(unique, gt, category_ids, cfg, bertscorer=scorer)
+        metrics.update(
+            bad_samples=total_bad,
+            samples_read=sum(n for _, n, _ in gathered),
+            world_size=world_size,
+            predict_time_s=t_loop,
+            total_time_s=time.perf_counter() - t0,
+        )
+        write_outputs(Path(out_dir), metrics, detections, captions)
+        return metrics
+
+    metrics = _on_rank0(score, rank, world_size, share_result=True)
+    sample_images = [
+        render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
+    ]
+    return EvalResult(metrics, sample_images)
+
+
+# ------------------------------------------------------------------------- ground truth + entry
+def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+@functools.lru_cache(maxsize=2)
+def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
+    """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
+
+    Cached: training evaluates the same split every ``eval.every`` steps.
+    """
+    instances: dict[str, Any] | None = None
+    refs: dict[int, list[str]] = {}
+    if not (instances_json and captions_json):
+        from ticod.data.coco import ground_truth_from_shards
+
+        instances, refs = ground_truth_from_shards(shards_dir, split)
+    if instances_json:
+        instances = json.loads(Path(instances_json).read_text())
+    if captions_json:
+        refs = {}
+        for ann in json.loads(Path(captions_json).read_text())["annotations"]:
+            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
+    assert instances is not None
+    ids = sorted(int(im["id"]) for im in instances["images"])
+    return GroundTruth(_coco_from_dict(instances), refs, ids)
+
+
+def label_categories(categories: Sequence[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    """Original COCO id and name of each label 1..K (labels follow the sorted category ids)."""
+    cats = sorted(categories, key=lambda c: int(c["id"]))
+    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+
+
+def subset(gt: GroundTruth, image_ids: Iterable[int]) -> GroundTruth:
+    """The same ground truth, expecting only ``image_ids`` (``eval.max_images``)."""
+    keep = set(image_ids)
+    return GroundTruth(gt.instances, gt.captions, [i for i in gt.image_ids if i in keep])
+
+
+def run_evaluation(
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer: Any,
+    categories: list[dict[str, Any]],
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    out_dir: str | Path,
+) -> EvalResult:
+    """Evaluate on ``cfg.data.val_split`` of ``cfg.data.shards_dir`` (training's in-loop eval and the CLI).
+
+    Call on every rank. Caller sets eval mode / autocast as it wants; see :func:`evaluate`.
+    """
+    from ticod.data.pipeline import build_eval_loader
+
+    ev = cfg.eval
+    gt = load_ground_truth(ev.instances_json, ev.captions_json, cfg.data.shards_dir, cfg.data.val_split)
+    loader = build_eval_loader(
+        cfg.data,
+        tokenizer,
+        rank=rank,
+        world_size=world_size,
+        split=cfg.data.val_split,
+        max_samples=ev.max_images,
+    )
+    if ev.max_images:
+        gt = subset(gt, loader.image_ids)
+    category_ids, category_names = label_categories(categories)
+    return evaluate(
+        model,
+        loader,
+        gt=gt,
+        category_ids=category_ids,
+        category_names=category_names,
+        tokenizer=tokenizer,
+        cfg=ev,
+        rank=rank,
+        world_size=world_size,
+        out_dir=out_dir,
+        device=device,
+        image_mean=cfg.data.mean,
+        image_std=cfg.data.std,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="export dir, run dir or checkpoint dir")
+    p.add_argument("--data", help="shards dir (default: the checkpoint config's data.shards_dir)")
+    p.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
+    p.add_argument("--out", help="output dir (default: CHECKPOINT/eval/SPLIT)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_images=500")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ticod.distributed import init_process_group, select_device, world_info_from_env
+    from ticod.tracker import Tracker, format_metrics, setup_console_logging
+
+    args = parse_args(argv)
+    from ticod.export import load_for_inference  # after --help: it loads the model stack
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.shards_dir={args.data}")
+    if args.split:
+        overrides.append(f"data.val_split={args.split}")
+    info = world_info_from_env()
+    setup_console_logging(info.rank)
+    device = select_device(info)
+    try:
+        bundle = load_for_inference(args.checkpoint, device, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = bundle.cfg
+    if info.world_size > 1:
+        init_process_group(info, device, cfg.deepspeed.dist_timeout_s)
+    try:
+        out_dir = Path(args.out or Path(args.checkpoint) / "eval" / cfg.data.val_split)
+        precision = cfg.deepspeed.precision
+        # The precision the model trained in (its in-loop evals ran under the same autocast).
+        autocast = torch.autocast(
+            device.type,
+            dtype=torch.bfloat16 if precision == Precision.bf16 else torch.float16,
+            enabled=device.type == "cuda" and precision != Precision.fp32,
+        )
+        with autocast:
+            result = run_evaluation(
+                bundle.model,
+                cfg,
+                bundle.tokenizer,
+                bundle.categories,
+                rank=info.rank,
+                world_size=info.world_size,
+                device=device,
+                out_dir=out_dir,
+            )
+        numeric = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        tracker = Tracker(cfg.logging, out_dir, rank=info.rank, config=to_dict(cfg))
+        tracker.log(0, numeric, prefix="eval/", echo=False)
+        tracker.log_images(0, "eval/predictions", result.sample_images)
+        tracker.summary({f"eval/{k}": v for k, v in numeric.items()})
+        tracker.close()
+        if info.rank == 0:
+            print(format_metrics(numeric))
+            print(f"results in {out_dir}")
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

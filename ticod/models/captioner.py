@@ -1,0 +1,205 @@
+"""Caption branch: GPT-2 (transformers) cross-attending to projected image features."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ticod.config import CaptionerConfig
+
+log = logging.getLogger(__name__)
+
+# Parameter-name parts of the layers GPT2LMHeadModel adds for add_cross_attention=True.
+CROSS_ATTENTION_PARTS = ("crossattention.", "ln_cross_attn.")
+
+
+class VisualMemory(nn.Module):
+    """Feature maps -> one token sequence for cross-attention.
+
+    Each level is projected to the decoder width (Linear + LayerNorm), then gets a fixed 2-D sine-cosine
+    position code (timm's, so any map size works without interpolation) and a learned level embedding
+    (so tokens from different maps stay distinguishable). Tokens lying wholly in the batch padding are
+    masked out.
+
+    Args:
+        in_channels: Channels of each input level, in the order the maps are passed.
+        dim: Decoder width (a multiple of 4 for the 2-D position code).
+    """
+
+    def __init__(self, in_channels: list[int], dim: int) -> None:
+        super().__init__()
+        if dim % 4:
+            raise ValueError(
+                f"caption decoder width {dim} must be a multiple of 4 (2-D sine-cosine positions)"
+            )
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(c, dim), nn.LayerNorm(dim)) for c in in_channels)
+        self.level_embed = nn.Parameter(torch.zeros(len(in_channels), dim))
+        nn.init.normal_(self.level_embed, std=0.02)
+        self.dim = dim
+
+    def forward(
+        self, maps: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded_shape: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, dim) and their mask (B, N) (1 = inside the image).
+
+        Args:
+            maps: NCHW maps, one per level given at construction.
+            image_sizes: (h, w) of each image before batch padding.
+            padded_shape: (H, W) of the padded batch (a map's stride is H / map height).
+        """
+        tokens, masks = [], []
+        for level, (proj, x) in enumerate(zip(self.proj, maps, strict=True)):
+            h, w = x.shape[-2:]
+            pos = build_sincos2d_pos_embed([h, w], self.dim, device=x.device, dtype=x.dtype)
+            tokens.append(proj(x.flatten(2).transpose(1, 2)) + pos + self.level_embed[level])
+            stride_h, stride_w = padded_shape[0] / h, padded_shape[1] / w
+            rows = torch.arange(h, device=x.device)[:, None]
+            cols = torch.arange(w, device=x.device)[None, :]
+            masks.append(
+                torch.stack(
+                    [
+                        ((rows < math.ceil(ih / stride_h)) & (cols < math.ceil(iw / stride_w))).flatten()
+                        for ih, iw in image_sizes
+                    ]
+                ).to(torch.int64)
+            )
+        return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
+
+
+def build_gpt2(cfg: CaptionerConfig, vocab_size: int, bos: int, eos: int, pad: int) -> GPT2LMHeadModel:
+    """GPT-2 with cross-attention: pretrained from a hub name/local dir, or random from the config sizes."""
+    dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    special = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    if cfg.pretrained:
+        gpt = GPT2LMHeadModel.from_pretrained(cfg.name, add_cross_attention=True, **dropout, **special)
+        if gpt.config.vocab_size != vocab_size:
+            gpt.resize_token_embeddings(vocab_size)
+        new = [n for n, _ in gpt.named_parameters() if any(p in n for p in CROSS_ATTENTION_PARTS)]
+        log.info("GPT-2 from %s; %d new cross-attention tensors (e.g. %s)", cfg.name, len(new), new[:2])
+        return gpt
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        add_cross_attention=True,
+        **dropout,
+        **special,
+    )
+    return GPT2LMHeadModel(config)
+
+
+class CaptionDecoder(nn.Module):
+    """GPT-2 language model conditioned on image features through cross-attention.
+
+    Args:
+        cfg: GPT-2 source/sizes, generation defaults, dropout and grad checkpointing.
+        visual_channels: Channels of the maps given to :meth:`forward` (last backbone stage first).
+        vocab_size: Tokenizer vocabulary size.
+        bos_token_id: Start token fed as the first input.
+        eos_token_id: End token (generation stops on it).
+        pad_token_id: Padding token of generated sequences.
+    """
+
+    def __init__(
+        self,
+        cfg: CaptionerConfig,
+        visual_channels: list[int],
+        vocab_size: int,
+        bos_token_id: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.gpt = build_gpt2(cfg, vocab_size, bos_token_id, eos_token_id, pad_token_id)
+        # transformers cannot infer the loss from the class name "GPT2LMHeadModel" and warns; name it.
+        self.gpt.loss_type = "ForCausalLM"
+        self.memory = VisualMemory(visual_channels, self.gpt.config.n_embd)
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.num_beams = cfg.num_beams
+        self.max_new_tokens = cfg.max_new_tokens
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each GPT-2 block in backward (non-reentrant torch checkpoint)."""
+        if enable:
+            self.gpt.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.gpt.activation_checkpointing_disable()
+
+    def forward(
+        self,
+        maps: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_shape: tuple[int, int],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Teacher-forced mean token cross-entropy.
+
+        Args:
+            maps: Image feature maps (see ``visual_channels``).
+            image_sizes: (h, w) of each image before padding.
+            padded_shape: (H, W) of the padded batch.
+            input_ids: (B, L) BOS + tokens + EOS, right-padded.
+            attention_mask: (B, L), 0 at padding.
+        """
+        memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
+        # Padding never counts (pad may equal EOS for GPT-2, so the mask decides); GPT-2 shifts labels
+        # itself, so BOS at position 0 is an input only and every later token is a target.
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        out = self.gpt(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            labels=labels,
+            use_cache=False,
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        maps: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_shape: tuple[int, int],
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Greedy (num_beams=1) or beam-search captions with the KV cache.
+
+        Returns:
+            Per image the generated ids without BOS, EOS and padding (int64, possibly empty).
+        """
+        memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
+        batch = memory.shape[0]
+        start = torch.full((batch, 1), self.bos_token_id, dtype=torch.int64, device=memory.device)
+        # generate() repeats every tensor kwarg per beam (encoder_hidden_states included) for
+        # decoder-only models, and GPT-2 caches the cross-attention keys/values after the first step.
+        out = self.gpt.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=memory,
+            encoder_attention_mask=memory_mask,
+            num_beams=num_beams or self.num_beams,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            # BOS only starts a caption; where it differs from EOS, forbid it as a generated token.
+            suppress_tokens=[self.bos_token_id] if self.bos_token_id != self.eos_token_id else None,
+        )
+        captions = []
+        for ids in out[:, 1:]:
+            end = torch.where(ids == self.eos_token_id)[0]
+            captions.append(ids[: end[0]] if len(end) else ids)
+        return captions

@@ -1,0 +1,285 @@
+"""Cascade R-CNN RoI head (Cai & Vasconcelos, 2018) assembled from torchvision's detection parts.
+
+Each stage has its own two-layer MLP box head, classifier and box regressor, and its own IoU
+threshold and box-coder weights. In training, stage ``t`` matches its input boxes (plus the ground
+truth) at its own IoU threshold, samples them, computes its losses and regresses the sampled
+non-ground-truth boxes into the (detached) input boxes of stage ``t + 1``, as mmdetection's
+``CascadeRoIHead`` does. At test time every stage runs on the boxes refined by the previous one; the
+class scores are the mean of the stages' softmax probabilities (detectron2's and the paper's ensemble)
+and the boxes come from the last stage's regression, followed by torchvision's per-class NMS and top-K.
+
+Only the cascade logic is written here: matching, sampling, box coding, RoIAlign, NMS and the MLP head
+are torchvision's ``Matcher``, ``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``MultiScaleRoIAlign``,
+``batched_nms`` and ``TwoMLPHead``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
+
+from ticod.config import RoIConfig
+
+# torchvision's Fast R-CNN loss: smooth-L1 with beta 1/9, summed and divided by the sampled RoIs.
+SMOOTH_L1_BETA = 1.0 / 9.0
+
+
+@dataclass
+class Samples:
+    """One stage's sampled RoIs for a batch, per image."""
+
+    proposals: list[torch.Tensor]  # (n_i, 4) xyxy
+    labels: list[torch.Tensor]  # (n_i,) 0 = background, 1..K
+    regression_targets: list[torch.Tensor]  # (n_i, 4) encoded with the stage's box coder
+    is_gt: list[torch.Tensor]  # (n_i,) bool: the RoI is an appended ground-truth box
+
+
+class CascadeStage(nn.Module):
+    """One cascade stage: MLP head, classifier, box regressor and the stage's target coding.
+
+    Args:
+        in_features: Flattened RoI feature size (channels * output_size**2).
+        representation_size: Width of the two fully connected layers.
+        num_classes: Foreground classes K (the classifier has K + 1 outputs, 0 = background).
+        iou_threshold: Foreground/background IoU threshold of this stage.
+        bbox_stds: Target stds (x, y, w, h); the box coder weights are their reciprocals.
+        class_agnostic: One box per RoI instead of one per class.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        representation_size: int,
+        num_classes: int,
+        iou_threshold: float,
+        bbox_stds: list[float],
+        class_agnostic: bool,
+    ) -> None:
+        super().__init__()
+        self.box_head = TwoMLPHead(in_features, representation_size)
+        self.cls_score = nn.Linear(representation_size, num_classes + 1)
+        self.class_agnostic = class_agnostic
+        self.bbox_pred = nn.Linear(representation_size, 4 if class_agnostic else 4 * (num_classes + 1))
+        # Small initial outputs (mmdetection/detectron2 init): near-uniform scores and near-identity
+        # regression, so the first refinements do not throw boxes far off.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.box_coder = det_utils.BoxCoder(tuple(1.0 / s for s in bbox_stds))
+        self.matcher = det_utils.Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
+
+    def forward(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (R, K + 1) and box deltas (R, 4) or (R, 4 * (K + 1)) of pooled RoIs, in fp32."""
+        x = self.box_head(roi_features)
+        # fp32 under bf16 autocast: torchvision's BoxCoder decodes in the deltas' dtype.
+        return self.cls_score(x).float(), self.bbox_pred(x).float()
+
+    def decode(self, deltas: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        """Boxes (R, C, 4) from deltas on their RoIs; C = 1 when class-agnostic, else K + 1."""
+        return self.box_coder.decode(deltas, boxes)
+
+    def match(
+        self, proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matched GT index (clamped to >= 0) and label (0 background, -1 ignored) for each proposal."""
+        if gt_boxes.numel() == 0:
+            # Background image: torchvision's Matcher raises on an empty IoU matrix.
+            zeros = torch.zeros(proposals.shape[0], dtype=torch.int64, device=proposals.device)
+            return zeros, zeros.clone()
+        matched = self.matcher(box_ops.box_iou(gt_boxes, proposals))
+        labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
+        labels[matched == self.matcher.BELOW_LOW_THRESHOLD] = 0
+        labels[matched == self.matcher.BETWEEN_THRESHOLDS] = -1
+        return matched.clamp(min=0), labels
+
+
+def fast_rcnn_losses(
+    class_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    labels: torch.Tensor,
+    regression_targets: torch.Tensor,
+    class_agnostic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``fastrcnn_loss`` extended to class-agnostic regression.
+
+    Cross-entropy over all sampled RoIs; smooth-L1 on the positives' deltas (of their GT class, or the
+    single agnostic box), summed and divided by the number of sampled RoIs. With no positives the box
+    loss is an exact 0 that still back-propagates (zero) gradients into the regressor.
+    """
+    cls_loss = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
+    columns = torch.zeros_like(pos) if class_agnostic else labels[pos]
+    box_loss = F.smooth_l1_loss(
+        deltas[pos, columns], regression_targets[pos], beta=SMOOTH_L1_BETA, reduction="sum"
+    )
+    return cls_loss, box_loss / labels.numel()
+
+
+class CascadeRoIHeads(nn.Module):
+    """Multi-stage Cascade R-CNN box head over FPN levels.
+
+    Args:
+        cfg: Per-stage IoU thresholds, box stds and sampling/inference settings (stage loss weights are
+            applied by :class:`ticod.models.losses.LossCombiner`, not here).
+        in_channels: FPN channels.
+        num_classes: Foreground classes K.
+        featmap_names: FPN levels RoIAlign pools from (torchvision's level mapper picks one per box).
+    """
+
+    def __init__(self, cfg: RoIConfig, in_channels: int, num_classes: int, featmap_names: list[str]) -> None:
+        super().__init__()
+        if not len(cfg.iou_thresholds) == len(cfg.bbox_stds) >= 1:
+            raise ValueError("model.roi: iou_thresholds and bbox_stds need one entry per stage")
+        self.box_roi_pool = MultiScaleRoIAlign(featmap_names, cfg.roi_output_size, cfg.sampling_ratio)
+        in_features = in_channels * cfg.roi_output_size**2
+        self.stages = nn.ModuleList(
+            CascadeStage(
+                in_features, cfg.representation_size, num_classes, iou, stds, cfg.class_agnostic_bbox
+            )
+            for iou, stds in zip(cfg.iou_thresholds, cfg.bbox_stds, strict=True)
+        )
+        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(
+            cfg.batch_size_per_image, cfg.positive_fraction
+        )
+        self.num_classes = num_classes
+        self.score_thresh = cfg.score_thresh
+        self.nms_thresh = cfg.nms_thresh
+        self.detections_per_img = cfg.detections_per_img
+
+    # ------------------------------------------------------------------------------ training
+    def sample(
+        self, stage: CascadeStage, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> Samples:
+        """Append the GT boxes, match at the stage's IoU and sample (torchvision's select_training_samples)."""
+        gts = [t["boxes"].to(p.dtype) for t, p in zip(targets, proposals, strict=True)]
+        candidates = [torch.cat([p, gt]) for p, gt in zip(proposals, gts, strict=True)]
+        matches = [stage.match(c, gt, t["labels"]) for c, gt, t in zip(candidates, gts, targets, strict=True)]
+        pos_masks, neg_masks = self.fg_bg_sampler([labels for _, labels in matches])
+        out = Samples([], [], [], [])
+        for i, (cand, (matched, labels), gt) in enumerate(zip(candidates, matches, gts, strict=True)):
+            keep = torch.where(pos_masks[i] | neg_masks[i])[0]
+            props, matched, labels = cand[keep], matched[keep], labels[keep]
+            # Negatives (and every RoI of a box-less image) regress onto themselves: finite targets that
+            # the loss never reads, instead of torchvision's dummy [0,0,0,0] box and its log(0).
+            matched_gt = gt[matched] if gt.numel() else props
+            out.proposals.append(props)
+            out.labels.append(labels)
+            out.regression_targets.append(stage.box_coder.encode_single(matched_gt, props))
+            out.is_gt.append(keep >= len(proposals[i]))
+        return out
+
+    def refine(
+        self,
+        stage: CascadeStage,
+        deltas: torch.Tensor,
+        class_logits: torch.Tensor,
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        labels: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Next stage's input boxes: this stage's regression applied to its RoIs, clipped, detached.
+
+        With class-specific regression the box of the GT label is used for positives in training, and of
+        the highest-scoring foreground class otherwise (mmdetection's ``regress_by_class``).
+        """
+        with torch.no_grad():
+            boxes = stage.decode(deltas.detach(), proposals)
+            if not stage.class_agnostic:
+                cls = class_logits.detach()[:, 1:].argmax(dim=1) + 1
+                if labels is not None:
+                    given = torch.cat(labels)
+                    cls = torch.where(given > 0, given, cls)
+                boxes = boxes[torch.arange(len(boxes), device=boxes.device), cls]
+            boxes = boxes.reshape(-1, 4).split([len(p) for p in proposals])
+            return [box_ops.clip_boxes_to_image(b, size) for b, size in zip(boxes, image_sizes, strict=True)]
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Run the cascade.
+
+        Args:
+            features: FPN maps by name.
+            proposals: RPN boxes per image (xyxy, detached).
+            image_sizes: (h, w) of each image before batch padding.
+            targets: Per image {"boxes": (N, 4) xyxy, "labels": (N,) in 1..K}; required in training.
+
+        Returns:
+            Detections per image (eval; empty list in training) and unweighted losses
+            ``stage{i}_cls``/``stage{i}_box`` (training; empty dict in eval).
+        """
+        if not self.training:
+            return self.predict(features, proposals, image_sizes), {}
+        if targets is None:
+            raise ValueError("CascadeRoIHeads needs targets in training mode")
+        losses: dict[str, torch.Tensor] = {}
+        for i, stage in enumerate(self.stages):
+            samples = self.sample(stage, proposals, targets)
+            logits, deltas = stage(self.box_roi_pool(features, samples.proposals, image_sizes))
+            labels = torch.cat(samples.labels)
+            losses[f"stage{i}_cls"], losses[f"stage{i}_box"] = fast_rcnn_losses(
+                logits, deltas, labels, torch.cat(samples.regression_targets), stage.class_agnostic
+            )
+            if i + 1 < len(self.stages):
+                refined = self.refine(stage, deltas, logits, samples.proposals, image_sizes, samples.labels)
+                # The refined GT boxes are dropped: the next stage appends the GT again (mmdetection).
+                proposals = [b[~g] for b, g in zip(refined, samples.is_gt, strict=True)]
+        return [], losses
+
+    @torch.no_grad()
+    def predict(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Stage-averaged scores, last-stage boxes, then score threshold, per-class NMS and top-K."""
+        probs: list[torch.Tensor] = []
+        boxes = proposals
+        for i, stage in enumerate(self.stages):
+            logits, deltas = stage(self.box_roi_pool(features, boxes, image_sizes))
+            probs.append(F.softmax(logits, dim=-1))
+            if i + 1 < len(self.stages):
+                boxes = self.refine(stage, deltas, logits, boxes, image_sizes)
+        scores = torch.stack(probs).mean(dim=0)
+        pred = self.stages[-1].decode(deltas, boxes)  # the last stage's regression on its input boxes
+        if pred.shape[1] == 1:
+            pred = pred.expand(-1, self.num_classes + 1, -1)
+        counts = [len(b) for b in boxes]
+        return [
+            self.postprocess(b, s, size)
+            for b, s, size in zip(pred.split(counts), scores.split(counts), image_sizes, strict=True)
+        ]
+
+    def postprocess(
+        self, boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """torchvision's ``postprocess_detections`` for one image: (R, K + 1, 4) boxes, (R, K + 1) scores."""
+        boxes = box_ops.clip_boxes_to_image(boxes, image_size)
+        labels = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+        # Drop the background column and treat every (RoI, class) pair as a candidate.
+        boxes, scores, labels = (
+            boxes[:, 1:].reshape(-1, 4),
+            scores[:, 1:].reshape(-1),
+            labels[:, 1:].reshape(-1),
+        )
+        keep = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -1,0 +1,229 @@
+"""TICOD: one Swin backbone shared by a Cascade R-CNN detector and a GPT-2 caption decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection.transform import resize_boxes
+
+from ticod.config import LossConfig, ModelConfig, Task
+from ticod.models.backbone import SwinBackbone, pad_to_multiple
+from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder
+from ticod.models.detector import FPN_LEVELS, Detector
+from ticod.models.losses import LossCombiner
+
+
+class TICOD(nn.Module):
+    """The joint model: ``L = L_det + λ·L_cap`` in training; boxes and captions in eval.
+
+    Only the branches of ``loss_cfg.task`` are built, so that every parameter receives a gradient at every
+    step (ZeRO stages > 0 need that).
+
+    Args:
+        model_cfg: Backbone, FPN width, RPN, cascade head, captioner and number of classes.
+        loss_cfg: Task switch (joint / detection / caption), λ and loss balancing.
+        vocab_size: Tokenizer vocabulary size (``len(tokenizer)``).
+        bos_token_id: First input token of every caption.
+        eos_token_id: Caption end token.
+        pad_token_id: Padding id of generated captions.
+        tokenizer: Optional tokenizer; when given, eval outputs carry decoded caption strings.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        vocab_size: int,
+        bos_token_id: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        task = Task(loss_cfg.task)
+        cap_cfg = model_cfg.captioner
+        self.fpn_levels: list[str] = [str(n) for n in cap_cfg.fpn_levels] if cap_cfg.use_fpn_levels else []
+        unknown = [n for n in self.fpn_levels if n not in FPN_LEVELS]
+        if unknown:
+            raise ValueError(f"model.captioner.fpn_levels: {unknown} not among the FPN levels {FPN_LEVELS}")
+        if self.fpn_levels and task == Task.caption:
+            # Without the detector some FPN layers would get no gradient (ZeRO hangs on that).
+            raise ValueError("model.captioner.use_fpn_levels needs the detector (loss.task joint)")
+
+        self.backbone = SwinBackbone(model_cfg.backbone)
+        self.detector: Detector | None = None
+        self.captioner: CaptionDecoder | None = None
+        if task != Task.caption:
+            self.detector = Detector(
+                self.backbone.channels,
+                model_cfg.fpn_channels,
+                model_cfg.rpn,
+                model_cfg.roi,
+                model_cfg.num_classes,
+            )
+        if task != Task.detection:
+            visual = [self.backbone.channels[-1]] + [model_cfg.fpn_channels] * len(self.fpn_levels)
+            self.captioner = CaptionDecoder(
+                cap_cfg, visual, vocab_size, bos_token_id, eos_token_id, pad_token_id
+            )
+        self.loss_combiner = LossCombiner(loss_cfg, list(model_cfg.roi.stage_loss_weights))
+        self.tokenizer = tokenizer
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Switch activation checkpointing in the backbone and the caption decoder."""
+        self.backbone.set_grad_checkpointing(enable)
+        if self.captioner is not None:
+            self.captioner.set_grad_checkpointing(enable)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part (tied GPT-2 embeddings counted once); the parts add up to the model total."""
+
+        def count(module: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> int:
+            return sum(p.numel() for n, p in module.named_parameters() if keep(n))
+
+        def is_cross(name: str) -> bool:
+            return any(part in name for part in CROSS_ATTENTION_PARTS)
+
+        counts = {"backbone": count(self.backbone)}
+        if self.detector is not None:
+            counts["fpn"] = count(self.detector.fpn)
+            counts["rpn"] = count(self.detector.rpn)
+            for i, stage in enumerate(self.detector.roi_heads.stages):
+                counts[f"roi_stage{i}"] = count(stage)
+        if self.captioner is not None:
+            counts["gpt2"] = count(self.captioner.gpt, lambda n: not is_cross(n))
+            counts["cross_attention"] = count(self.captioner.gpt, is_cross)
+            counts["visual_memory"] = count(self.captioner.memory)
+        if balance := count(self.loss_combiner):  # learned task weights (balance=uncertainty)
+            counts["loss_balance"] = balance
+        return counts
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]] | None = None,
+        captions: dict[str, torch.Tensor] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+        orig_sizes: list[tuple[int, int]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
+        """Losses in train mode, predictions in eval mode.
+
+        Args:
+            images: (B, 3, H, W) normalised, zero-padded batch (any H, W: padded here for Swin).
+            targets: Per image {"boxes": (N, 4) xyxy resized-image pixels, "labels": (N,) in 1..K}; needed to
+                train the detector. N may be 0.
+            captions: {"input_ids", "attention_mask"} (B, L); needed to train the captioner.
+            image_sizes: (h, w) of each image before padding; default: the full batch size.
+            orig_sizes: (h, w) of the original images; eval boxes are rescaled to them when given.
+
+        Returns:
+            Train: named unweighted losses (``rpn_objectness``, ``rpn_box``, ``stage{i}_cls``, ``stage{i}_box``,
+            ``caption``) plus ``loss_det``, ``loss_cap`` and the weighted total ``loss``. Eval: per image
+            ``boxes`` (n, 4) xyxy, ``scores``, ``labels`` and/or ``caption_ids`` (and ``caption`` with a tokenizer).
+        """
+        sizes = self._image_sizes(images, image_sizes)
+        padded = pad_to_multiple(images, self.backbone.size_divisor)
+        features = self.backbone(padded)
+        if self.training:
+            return self._losses(padded, features, sizes, targets, captions)
+        return self._predict(padded, features, sizes, orig_sizes)
+
+    def _losses(
+        self,
+        padded: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        sizes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None,
+        captions: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        fpn = None
+        if self.detector is not None:
+            if targets is None:
+                raise ValueError("training the detector needs targets")
+            targets = [
+                {"boxes": t["boxes"].reshape(-1, 4).to(torch.float32), "labels": t["labels"].to(torch.int64)}
+                for t in targets
+            ]
+            fpn, _, det_losses = self.detector(padded, features, sizes, targets)
+            losses.update(det_losses)
+        if self.captioner is not None:
+            if captions is None:
+                raise ValueError("training the captioner needs captions")
+            losses["caption"] = self.captioner(
+                self._memory_maps(features, fpn),
+                sizes,
+                tuple(padded.shape[-2:]),
+                captions["input_ids"],
+                captions["attention_mask"],
+            )
+        return self.loss_combiner(losses)
+
+    def _predict(
+        self,
+        padded: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        sizes: list[tuple[int, int]],
+        orig_sizes: list[tuple[int, int]] | None,
+    ) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in sizes]
+        fpn = None
+        if self.detector is not None:
+            fpn, detections, _ = self.detector(padded, features, sizes)
+            for i, (res, det) in enumerate(zip(results, detections, strict=True)):
+                boxes = det["boxes"]
+                if orig_sizes is not None:
+                    # torchvision's GeneralizedRCNNTransform.postprocess rescaling.
+                    boxes = resize_boxes(boxes, sizes[i], [int(s) for s in orig_sizes[i]])
+                res.update(boxes=boxes, scores=det["scores"], labels=det["labels"])
+        if self.captioner is not None:
+            ids = self.captioner.generate(self._memory_maps(features, fpn), sizes, tuple(padded.shape[-2:]))
+            self._add_captions(results, ids)
+        return results
+
+    @torch.no_grad()
+    def generate_captions(
+        self,
+        images: torch.Tensor,
+        image_sizes: list[tuple[int, int]] | None = None,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Caption ids (without BOS/EOS) per image; beams and length default to the config's."""
+        if self.captioner is None:
+            raise RuntimeError("this model was built without the captioner (loss.task=detection)")
+        sizes = self._image_sizes(images, image_sizes)
+        padded = pad_to_multiple(images, self.backbone.size_divisor)
+        features = self.backbone(padded)
+        fpn = self.detector.fpn(features) if self.fpn_levels else None
+        maps = self._memory_maps(features, fpn)
+        return self.captioner.generate(maps, sizes, tuple(padded.shape[-2:]), num_beams, max_new_tokens)
+
+    def _memory_maps(
+        self, features: dict[str, torch.Tensor], fpn: dict[str, torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """The last backbone stage, then the configured FPN levels."""
+        last = features[str(len(features) - 1)]
+        if not self.fpn_levels:
+            return [last]
+        assert fpn is not None  # fpn_levels are only allowed with the detector (checked in __init__)
+        return [last, *(fpn[n] for n in self.fpn_levels)]
+
+    def _add_captions(self, results: list[dict[str, Any]], ids: list[torch.Tensor]) -> None:
+        for res, seq in zip(results, ids, strict=True):
+            res["caption_ids"] = seq
+            if self.tokenizer is not None:
+                res["caption"] = self.tokenizer.decode(seq.tolist(), skip_special_tokens=True).strip()
+
+    @staticmethod
+    def _image_sizes(
+        images: torch.Tensor, image_sizes: list[tuple[int, int]] | None
+    ) -> list[tuple[int, int]]:
+        if image_sizes is None:
+            return [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
+        if len(image_sizes) != images.shape[0]:
+            raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
+        return [(int(h), int(w)) for h, w in image_sizes]

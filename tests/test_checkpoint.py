@@ -123,6 +123,7 @@ def test_deepspeed_roundtrip(tmp_path, single_rank_pg, stage):
     fresh = build_engine(Toy(), cfg, world_size=1)
     ts = ck.load_checkpoint(fresh, path)
     assert ts == {"train": {"step": 3}}
+    ck.restore_rng(path)
     torch.testing.assert_close(torch.rand(3), expected_next_rand)  # RNG restored
     assert fresh.get_lr() == lr
     for k, v in fresh.module.state_dict().items():

@@ -16,6 +16,8 @@ from ticod import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK"}
+LAUNCHER_VARS |= {"MASTER_ADDR", "MASTER_PORT"}
 # Small and quick: the demo model on the test shards, a few steps.
 FAST = [
     "data.batch_size=2",
@@ -41,7 +43,9 @@ def run_train(overrides: list[str], *, nproc: int = 1, env: dict | None = None, 
         launcher = Path(sys.executable).parent / "deepspeed"
         cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", _port(), "--module", "ticod.train"]
     cmd += ["--config", str(DEMO), *FAST, *overrides]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    # The child must not inherit a launcher from this process (a torchrun/Slurm test session).
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

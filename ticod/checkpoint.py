@@ -114,17 +114,26 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return trainer state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Restore the engine (weights, optimizer, LR schedule); return the trainer state.
+
+    The RNG is restored separately (:func:`restore_rng`), right before the first step: building the data
+    loader iterator draws from torch's global RNG, which the uninterrupted run did before step 1.
+    """
     path, _ = engine.load_checkpoint(
         str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def restore_rng(ckpt: Path) -> None:
+    """Set this rank's python/torch/CUDA RNG to what they were when ``ckpt`` was saved."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} missing: checkpoint {ckpt} was saved by a different world size?")
+    set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 @dataclass

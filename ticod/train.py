@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Before any slow setup, so a SIGUSR1/SIGTERM during start-up is not lost: it is honoured after
+    # the first step (checkpoint, exit 75, requeue).
+    preemption = PreemptionHandler().install()
     info = world_info_from_env()
     setup_console_logging(info.rank)
     device = select_device(info)
     engine_lib.init_distributed(backend_for(device), cfg.deepspeed.dist_timeout_s)
     try:
-        return train(cfg, rank=info.rank, world_size=info.world_size, device=device)
+        return train(cfg, rank=info.rank, world_size=info.world_size, device=device, preemption=preemption)
     except TrainingStopped as e:
         log.error("training stopped: %s", e)
         return 3
@@ -93,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> int:
+def train(
+    cfg: Config, *, rank: int, world_size: int, device: torch.device, preemption: PreemptionHandler
+) -> int:
     run_dir = Path(cfg.run_dir)
     tokenizer = build_tokenizer(cfg.data)
     categories = read_manifest(cfg.data.shards_dir, cfg.data.train_split)["categories"]
@@ -124,7 +129,6 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
     loader = build_train_loader(
         cfg.data, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed, start_batch=state.batches
     )
-    preemption = PreemptionHandler().install()
     log.info(
         "training %s: %d parameters, world size %d on %s, steps %d -> %d",
         cfg.loss.task.value,
@@ -143,6 +147,8 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
         evaluator.run(engine, 0, tracker)
     window = Window()
     batches = iter(loader)
+    if resume_from is not None:
+        ckpt_lib.restore_rng(resume_from)  # after iter(loader), which draws a seed from torch's RNG
     consecutive_nonfinite = 0
     progress = make_progress(cfg, rank, state.step)
     engine.train()
@@ -226,12 +232,13 @@ def train(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> i
     if progress is not None:
         progress.close()
     final = save(state.step)
+    if rank == 0:
+        # Before the final eval: the exported model is there even if evaluation fails.
+        export_checkpoint(final, run_dir / "export")
+        log.info("exported %s", run_dir / "export")
     metrics: dict[str, Any] = {}
     if cfg.eval.at_end:
         metrics = evaluator.run(engine, state.step, tracker)
-    if rank == 0:
-        export_checkpoint(final, run_dir / "export")
-        log.info("exported %s", run_dir / "export")
     tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
     tracker.close()
     log.info("done: %d steps, %d samples, %.1f s training", state.step, state.samples, state.train_time_s)

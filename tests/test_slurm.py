@@ -62,8 +62,11 @@ def test_train_script_contract(script: Path) -> None:
     assert "%j" in opts["output"] and "%j" in opts["error"]
     # One task per GPU, and the same requeue status as the trainer.
     assert opts["ntasks-per-node"] == opts["gpus-per-node"]
-    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE} " in script.read_text()
-    assert "/home/" not in script.read_text() and "~/" not in script.read_text()
+    body = (ROOT / "slurm" / "train_job.sh").read_text()
+    assert "exec bash slurm/train_job.sh" in script.read_text()
+    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE} " in body
+    for text in (script.read_text(), body):
+        assert "/home/" not in text and "~/" not in text
 
 
 def test_large_script_is_multi_node() -> None:

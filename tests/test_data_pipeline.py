@@ -16,7 +16,7 @@ from ticod.data.coco import CategoryMap, load_records
 from ticod.data.pipeline import build_eval_loader, build_train_loader
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
-from ticod.data.transforms import resize_size
+from ticod.data.transforms import resize_size, swap_left_right
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
 
@@ -91,6 +91,8 @@ def test_train_round_trip_with_flips(demo_coco_dir: Path, demo_shards_dir: Path)
             # The tokenised caption is one of the image's references.
             ids = batch["captions"]["input_ids"][i][batch["captions"]["attention_mask"][i].bool()]
             refs = [a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=meta["image_id"]))]
+            if meta["flipped"]:  # the mirrored image's caption has left and right swapped
+                refs = [swap_left_right(r) for r in refs]
             assert len(ids) <= cfg.max_caption_tokens
             assert any(ref.startswith(tok.decode(ids[1:-1])) for ref in refs)  # possibly truncated
     assert 0 < flips < 48

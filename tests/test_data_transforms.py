@@ -90,3 +90,18 @@ def test_category_map_non_contiguous_ids() -> None:
         cmap.to_label(2)
     with pytest.raises(KeyError):
         cmap.to_category_id(0)
+
+
+def test_flip_swaps_left_and_right_in_captions():
+    from ticod.data.transforms import swap_left_right
+
+    assert (
+        swap_left_right("a red circle to the left of a blue square")
+        == "a red circle to the right of a blue square"
+    )
+    assert swap_left_right("Left: a star; right: two crosses") == "Right: a star; left: two crosses"
+    assert (
+        swap_left_right("a star in the bottom right corner, leftmost")
+        == "a star in the bottom left corner, rightmost"
+    )
+    assert swap_left_right("leftover bright lights") == "leftover bright lights"  # only whole words

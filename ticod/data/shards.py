@@ -1,0 +1,374 @@
+"""Write per-image COCO records + original JPEG bytes into WebDataset tar shards, and read them back.
+
+Layout: ``DIR/{split}-000000.tar ...`` plus ``DIR/{split}-manifest.json``. A sample is ``<key>.jpg`` (the
+source JPEG bytes, untouched) and ``<key>.json`` (the record of :func:`ticod.data.coco.load_records`),
+with ``key`` the zero-padded image id. Tar headers carry no times or owners and samples are written
+in image-id order from the main process, so the same input gives byte-identical shards whatever the
+number of worker processes. The manifest is written last: a directory without one is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+SAMPLE_SUFFIXES = ("jpg", "json")  # the only members we write, and the only ones readers look at
+MISSING_CAPTIONS = ("skip", "keep", "error")
+# Skip reasons, as counted in the summary and the manifest.
+MISSING_IMAGE = "missing image file"
+UNREADABLE = "unreadable JPEG"
+NOT_JPEG = "not a JPEG file"
+NO_CAPTIONS = "no captions"
+
+
+class ShardError(RuntimeError):
+    """Shard writing cannot go on (existing output, --strict failure, empty result)."""
+
+
+def sample_key(image_id: int) -> str:
+    return f"{int(image_id):012d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def manifest_path(shards_dir: str | Path, split: str) -> Path:
+    return Path(shards_dir) / f"{split}-manifest.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------- writing
+@dataclass
+class Prepared:
+    """One record after the worker looked at its image: the sample to write, or why it is skipped."""
+
+    key: str
+    jpg: bytes | None = None
+    meta: bytes | None = None
+    skip: str | None = None  # reason
+    detail: str = ""
+
+
+def check_jpeg(data: bytes) -> str | None:
+    """None if ``data`` is a fully decodable JPEG, else the skip reason.
+
+    A draft (DCT-scaled) decode still walks the whole entropy-coded stream, so truncated or corrupt
+    files fail, at a fraction of a full decode's cost. Grayscale and CMYK JPEGs pass unchanged.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                return NOT_JPEG
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception:
+        return UNREADABLE
+    return None
+
+
+def prepare(record: dict[str, Any], images_dir: str, missing_captions: str) -> Prepared:
+    """Read and check one image (runs in worker processes)."""
+    key = sample_key(record["image_id"])
+    if not record["captions"] and missing_captions != "keep":
+        return Prepared(key, skip=NO_CAPTIONS, detail=f"image {record['image_id']}")
+    path = Path(images_dir) / record["file_name"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return Prepared(key, skip=MISSING_IMAGE, detail=f"{path}: {e.strerror or e}")
+    reason = check_jpeg(data)
+    if reason is not None:
+        return Prepared(key, skip=reason, detail=str(path))
+    meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return Prepared(key, jpg=data, meta=meta)
+
+
+class _ShardFile:
+    """A tar written to ``name.tmp`` and renamed when complete, with reproducible headers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        # Held open across add() calls; closed in close() (or by write_shards on failure).
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.keys: list[str] = []
+        self.size = 2 * tarfile.BLOCKSIZE  # end-of-archive blocks
+
+    @staticmethod
+    def member_size(n: int) -> int:
+        return tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
+        for suffix, data in members:
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mode, info.mtime = len(data), 0o444, 0
+            self.tar.addfile(info, io.BytesIO(data))
+            self.size += self.member_size(len(data))
+        self.keys.append(key)
+
+    def close(self) -> dict[str, Any]:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+        return {
+            "name": self.path.name,
+            "samples": len(self.keys),
+            "bytes": self.path.stat().st_size,
+            "sha256": sha256_file(self.path),
+            "keys": self.keys,
+        }
+
+
+@dataclass
+class ShardSummary:
+    images: int = 0
+    boxes: int = 0
+    crowd_boxes: int = 0
+    captions: int = 0
+    empty_images: int = 0
+    shards: int = 0
+    bytes: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # one example per skip reason
+
+    def text(self) -> str:
+        lines = [
+            f"images written: {self.images} in {self.shards} shards ({self.bytes / 2**20:.1f} MiB)",
+            f"boxes: {self.boxes} ({self.crowd_boxes} crowd), images without boxes: {self.empty_images}",
+            f"captions: {self.captions}",
+            f"skipped: {sum(self.skipped.values())}",
+        ]
+        lines += [
+            f"  {reason}: {n} (e.g. {self.examples[reason]})" for reason, n in sorted(self.skipped.items())
+        ]
+        return "\n".join(lines)
+
+
+def existing_outputs(out_dir: str | Path, split: str) -> list[Path]:
+    """Files of an earlier run for ``split`` in ``out_dir`` (shards, partial shards, manifest)."""
+    out = Path(out_dir)
+    found = [*out.glob(f"{split}-[0-9]*.tar"), *out.glob(f"{split}-[0-9]*.tar.tmp")]
+    if manifest_path(out, split).exists():
+        found.append(manifest_path(out, split))
+    return sorted(found)
+
+
+def write_shards(
+    records: Sequence[dict[str, Any]],
+    categories: Sequence[dict[str, Any]],
+    images_dir: str | Path,
+    out_dir: str | Path,
+    split: str,
+    *,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 0,
+    workers: int = 1,
+    strict: bool = False,
+    missing_captions: str = "skip",
+    overwrite: bool = False,
+    sources: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], ShardSummary]:
+    """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
+
+    Args:
+        records: Per-image records from :func:`ticod.data.coco.load_records`.
+        categories: The dataset's category list (id, name, supercategory), stored in the manifest.
+        images_dir: Directory holding each record's ``file_name``.
+        out_dir: Output directory (created).
+        split: Shard name prefix.
+        samples_per_shard: Start a new shard after this many samples.
+        max_shard_bytes: Also start a new shard before exceeding this size (0: no limit).
+        workers: Processes reading and checking images; output order does not depend on it.
+        strict: Fail on the first missing/unreadable image instead of skipping it.
+        missing_captions: Images without captions: "skip" (counted), "keep" (empty caption list) or "error".
+        overwrite: Remove an earlier run's files for ``split`` first, instead of refusing.
+        sources: Provenance stored in the manifest (annotation files and their sha256).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The manifest (as written) and a summary.
+
+    Raises:
+        ShardError: output exists without ``overwrite``, a ``strict``/"error" policy failure, or nothing to write.
+    """
+    if missing_captions not in MISSING_CAPTIONS:
+        raise ValueError(f"missing_captions must be one of {MISSING_CAPTIONS}, got {missing_captions!r}")
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = existing_outputs(out, split)
+    if old and not overwrite:
+        raise ShardError(
+            f"{out} already has {len(old)} file(s) of split '{split}' (e.g. {old[0].name}); "
+            "mixing runs would corrupt the dataset: pass --overwrite to replace them, or use another --out"
+        )
+    for path in old:
+        path.unlink()
+    if missing_captions == "error":
+        bad = next((r for r in records if not r["captions"]), None)
+        if bad is not None:
+            raise ShardError(
+                f"image {bad['image_id']} ({bad['file_name']}) has no captions (--missing-captions error)"
+            )
+
+    summary = ShardSummary()
+    shards: list[dict[str, Any]] = []
+    current: _ShardFile | None = None
+    work = partial(prepare, images_dir=str(images_dir), missing_captions=missing_captions)
+    # fork where available: spawned workers would each re-import torch (via webdataset) for seconds.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
+    try:
+        # imap keeps input order, so the shards are identical for any number of workers.
+        results = pool.imap(work, records, chunksize=8) if pool else map(work, records)
+        bar = tqdm(
+            zip(records, results, strict=True),
+            total=len(records),
+            desc=f"shard {split}",
+            disable=not progress,
+        )
+        for record, prep in bar:
+            if prep.skip is not None:
+                if strict:
+                    raise ShardError(f"{prep.skip}: {prep.detail} (--strict)")
+                summary.skipped[prep.skip] += 1
+                summary.examples.setdefault(prep.skip, prep.detail)
+                continue
+            assert prep.jpg is not None and prep.meta is not None
+            members = [("jpg", prep.jpg), ("json", prep.meta)]
+            grow = sum(_ShardFile.member_size(len(d)) for _, d in members)
+            if current is not None and (
+                len(current.keys) >= samples_per_shard
+                or (max_shard_bytes and current.keys and current.size + grow > max_shard_bytes)
+            ):
+                shards.append(current.close())
+                current = None
+            if current is None:
+                current = _ShardFile(out / shard_name(split, len(shards)))
+            current.add(prep.key, members)
+            summary.images += 1
+            summary.boxes += len(record["boxes"])
+            summary.crowd_boxes += sum(record["iscrowd"])
+            summary.captions += len(record["captions"])
+            summary.empty_images += not record["boxes"]
+        if current is not None:
+            shards.append(current.close())
+            current = None
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if current is not None:  # failed mid-shard: leave no partial tar behind
+            current.tar.close()
+            current.tmp.unlink(missing_ok=True)
+    if not shards:
+        raise ShardError(f"no samples written for split '{split}':\n{summary.text()}")
+    summary.shards = len(shards)
+    summary.bytes = sum(s["bytes"] for s in shards)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "split": split,
+        "shards": shards,
+        "total_samples": summary.images,
+        "categories": [dict(c) for c in categories],
+        "num_boxes": summary.boxes,
+        "num_crowd_boxes": summary.crowd_boxes,
+        "num_captions": summary.captions,
+        "skipped": dict(sorted(summary.skipped.items())),
+        "sources": sources or {},
+        "created_by": "tools/shard_coco.py",
+    }
+    tmp = manifest_path(out, split).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path(out, split))
+    return manifest, summary
+
+
+# -------------------------------------------------------------------------------------- reading
+def read_manifest(shards_dir: str | Path, split: str) -> dict[str, Any]:
+    """The manifest of ``split`` in ``shards_dir``; FileNotFoundError says how to make one."""
+    path = manifest_path(shards_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no shard manifest {path}: write the '{split}' shards with tools/shard_coco.py --split {split}"
+        )
+    manifest = json.loads(path.read_text())
+    for key in ("shards", "total_samples", "categories"):
+        if key not in manifest:
+            raise ValueError(f"{path}: not a shard manifest (missing key '{key}')")
+    return manifest
+
+
+def shard_paths(shards_dir: str | Path, split: str) -> list[str]:
+    """Paths of the split's shards, in manifest (= image id) order."""
+    return [str(Path(shards_dir) / s["name"]) for s in read_manifest(shards_dir, split)["shards"]]
+
+
+def _select(name: str) -> bool:
+    # Only our own members are read at all: other suffixes (.pkl, .pth, ...) never reach a decoder.
+    return name.rsplit(".", 1)[-1].lower() in SAMPLE_SUFFIXES
+
+
+def iter_shard(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Samples ``{"__key__", "jpg"?, "json"?}`` of one local tar shard, read into memory (never extracted).
+
+    Per-member errors go to ``handler``; an unreadable or truncated archive raises out of the iterator
+    (after yielding the samples before the damage), so the caller can count what was lost.
+    """
+    errors: list[Exception] = []
+
+    def members(f: io.BufferedReader) -> Iterator[dict[str, Any]]:
+        # Stop quietly at damage so group_by_keys still hands out the last complete sample it holds.
+        try:
+            for m in tar_file_iterator(f, handler=handler, select_files=_select):
+                yield {**m, "__url__": path}
+        except Exception as e:
+            errors.append(e)
+
+    with open(path, "rb") as f:
+        yield from group_by_keys(members(f), handler=handler)
+    if errors:
+        raise errors[0]
+
+
+def iter_shard_records(shards_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:
+    """The decoded ``.json`` record of every readable sample of a split, in shard order."""
+
+    def warn(exn: Exception) -> bool:
+        log.warning("skipping unreadable shard member: %s", exn)
+        return True
+
+    for path in shard_paths(shards_dir, split):
+        try:
+            for sample in iter_shard(path, warn):
+                try:
+                    yield json.loads(sample["json"])
+                except (KeyError, ValueError) as e:
+                    log.warning("%s: sample %s has no readable .json (%s)", path, sample.get("__key__"), e)
+        except (OSError, tarfile.TarError, EOFError) as e:
+            log.warning("%s: unreadable or truncated shard, the rest of it is skipped (%s)", path, e)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +48,30 @@ def run_train(overrides: list[str], *, nproc: int = 1, env: dict | None = None, 
     # The child must not inherit a launcher from this process (a torchrun/Slurm test session).
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_killing_group(cmd, env=full_env, timeout=timeout)
+
+
+def run_killing_group(cmd: list[str], *, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a new session whose whole process group is SIGKILLed on timeout.
+
+    Plain ``run`` kills only the launcher: its ranks and their data workers would outlive the test.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # also what the launcher left behind after it exited
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def train_log(run_dir: Path) -> list[dict]:

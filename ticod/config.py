@@ -237,7 +237,9 @@ class EvalConfig:
 class FaultConfig:
     """Fault injection for reliability tests and drills; all off by default."""
 
-    nan_loss_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    # Make the loss NaN at these micro-batches (1-based count of batches drawn on each rank; with
+    # grad_accum=1 and no skips, the optimizer step of the same number).
+    nan_loss_at_steps: list[int] = field(default_factory=list)
     kill_at_step: int = 0  # after this optimizer step, `kill_rank` SIGKILLs itself (0 = never)
     kill_rank: int = 0
     hang_at_step: int = 0  # after this step, `kill_rank` stops responding (sleeps) instead

@@ -101,7 +101,8 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
     ZeRO stages 1-3 keep the fp32 master weights partitioned across the optimizer files; DeepSpeed's
     own ``zero_to_fp32`` reassembles them. Stage 0 stores the full module in the model-states file.
-    Only checkpoint dirs written by our own runs are loaded (DeepSpeed reads them with pickle).
+    Only checkpoint dirs written by our own runs are loaded (DeepSpeed's ``zero_to_fp32`` reads them with
+    pickle); the stage-0 file holds only tensors, containers and numbers and loads with ``weights_only``.
     """
     path = Path(checkpoint_dir)
     if any(path.glob("*zero_pp_rank_*optim_states.pt")):
@@ -112,5 +113,5 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
         files = sorted(path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{path} holds no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

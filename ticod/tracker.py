@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ class Tracker:
         import wandb
 
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # Our own id (wandb >= 0.31 has no public generator): 12 lowercase hex chars, valid for wandb.
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
         id_file.write_text(run_id)
         run = wandb.init(
             project=cfg.wandb.project,

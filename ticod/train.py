@@ -56,6 +56,7 @@ class TrainState:
     nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     samples_read: int = 0  # samples read by the loaders, all ranks (incl. bad ones)
     bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
+    fixed: dict[str, int] = field(default_factory=dict)  # boxes dropped from kept samples, by reason
     train_time_s: float = 0.0
 
 
@@ -65,7 +66,9 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p.add_argument("--resume", help="'auto' (latest complete checkpoint in run_dir) or a checkpoint dir")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100")
-    args = p.parse_args(argv)
+    # Intermixed: key=value overrides may come before and after --resume/--config (plain parse_args
+    # rejects overrides that follow an option once the positional list was consumed).
+    args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
@@ -165,7 +168,9 @@ def train(
             image_sizes=batch["image_sizes"],
         )
         loss = losses["loss"]
-        if state.step + 1 in cfg.faults.nan_loss_at_steps:
+        # By micro-batch, not step: a skipped micro-batch leaves the step count unchanged, so a
+        # step-keyed fault would fire again on every retry and one injected NaN would become many.
+        if state.batches in cfg.faults.nan_loss_at_steps:
             loss = loss * float("nan")
         if not all_ranks_true(bool(torch.isfinite(loss)), device):
             # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
@@ -202,8 +207,10 @@ def train(
             metrics = window.reduce(device, world_size)
             state.samples += metrics.pop("samples")
             state.samples_read += metrics.pop("read")
-            for reason, n in metrics.pop("bad").items():
-                state.bad[reason] = state.bad.get(reason, 0) + n
+            for kind in ("bad", "fixed"):
+                totals = getattr(state, kind)
+                for reason, n in metrics.pop(kind).items():
+                    totals[reason] = totals.get(reason, 0) + n
             metrics.update(
                 lr=engine.get_lr()[0],
                 grad_norm=_float(engine.get_global_grad_norm()),
@@ -211,6 +218,9 @@ def train(
                 nonfinite_skipped=state.nonfinite,
                 bad_samples=sum(state.bad.values()),
                 samples=state.samples,
+                # Run totals by reason (console, jsonl and wandb): which kind of damage the data has.
+                **{f"bad/{r}": n for r, n in sorted(state.bad.items())},
+                **{f"boxes_dropped/{r}": n for r, n in sorted(state.fixed.items())},
             )
             tracker.log(state.step, metrics, prefix="train/", echo=progress is None)
             check_bad_fraction(state, cfg.max_bad_fraction)
@@ -253,7 +263,7 @@ class Window:
         self.micro = 0
         self.samples = 0
         self.read = 0
-        self.bad: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>" and "fixed/<reason>"
         self.step_time = 0.0
 
     def add_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
@@ -264,17 +274,18 @@ class Window:
 
     def add_stats(self, stats: dict) -> None:
         self.read += int(stats.get("read", 0))
-        for reason, n in stats.get("bad", {}).items():
-            self.bad[reason] += int(n)
+        for kind in ("bad", "fixed"):
+            for reason, n in stats.get(kind, {}).items():
+                self.counts[f"{kind}/{reason}"] += int(n)
 
     def reduce(self, device: torch.device, world_size: int) -> dict[str, Any]:
         """Mean losses over ranks; summed counts; images/s over the window."""
         keys = sorted(self.sums)
-        reasons = sorted(all_reasons(self.bad, device))
+        reasons = sorted(all_reasons(self.counts, device))
         vec = torch.tensor(
             [self.sums[k] for k in keys]
             + [self.micro, self.samples, self.read]
-            + [self.bad[r] for r in reasons],
+            + [self.counts[r] for r in reasons],
             dtype=torch.float64,
             device=device,
         )
@@ -286,13 +297,16 @@ class Window:
         out["images_per_s"] = samples / max(self.step_time, 1e-9)
         out["step_time_s"] = self.step_time
         out["samples"], out["read"] = samples, read
-        out["bad"] = {r: int(vec[n + 3 + i].item()) for i, r in enumerate(reasons)}
+        out["bad"], out["fixed"] = {}, {}
+        for i, key in enumerate(reasons):
+            kind, reason = key.split("/", 1)
+            out[kind][reason] = int(vec[n + 3 + i].item())
         return out
 
 
-def all_reasons(bad: dict[str, int], device: torch.device) -> set[str]:
-    """Union of bad-sample reasons seen by any rank (so every rank reduces the same vector)."""
-    reasons = set(bad)
+def all_reasons(counts: dict[str, int], device: torch.device) -> set[str]:
+    """Union of the count keys seen by any rank (so every rank reduces the same vector)."""
+    reasons = set(counts)
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(reasons))

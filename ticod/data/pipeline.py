@@ -15,11 +15,14 @@ and nothing is extracted to disk.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -236,7 +239,13 @@ class SampleProcessor:
 def collate(
     samples: Sequence[dict[str, Any]], tokenizer: Any, max_tokens: int, stats: dict[str, Any]
 ) -> dict[str, Any]:
-    """Processed samples -> the batch dict every consumer relies on (images padded bottom/right)."""
+    """Processed samples -> the batch dict every consumer relies on (images padded bottom/right).
+
+    The per-image boxes and labels are views into one tensor each, and ``input_ids``/``attention_mask`` views
+    into one: a worker hands every tensor storage to the main process separately (a shared-memory file
+    and a descriptor passed over a socket each), so 4 storages per batch instead of 2·B + 3 is what makes
+    the transfer cheap (tools/bench_input.py measures it).
+    """
     h = max((s["image"].shape[1] for s in samples), default=0)
     w = max((s["image"].shape[2] for s in samples), default=0)
     images = torch.zeros(len(samples), 3, h, w)
@@ -244,12 +253,20 @@ def collate(
         images[i, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
     if samples:
         captions = encode_captions(tokenizer, [s["caption"] for s in samples], max_tokens)
+        ids_and_mask = torch.stack([captions["input_ids"], captions["attention_mask"]])
+        captions = {"input_ids": ids_and_mask[0], "attention_mask": ids_and_mask[1]}
     else:
         captions = {k: torch.zeros(0, 0, dtype=torch.int64) for k in ("input_ids", "attention_mask")}
+    counts = [len(s["target"]["boxes"]) for s in samples]
+    boxes = torch.cat([s["target"]["boxes"].reshape(-1, 4) for s in samples] or [torch.zeros(0, 4)])
+    labels = torch.cat([s["target"]["labels"] for s in samples] or [torch.zeros(0, dtype=torch.int64)])
+    targets = [
+        {"boxes": b, "labels": lab} for b, lab in zip(boxes.split(counts), labels.split(counts), strict=True)
+    ]
     return {
         "images": images,
         "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
-        "targets": [s["target"] for s in samples],
+        "targets": targets,
         "captions": captions,
         "meta": [s["meta"] for s in samples],
         "stats": stats,
@@ -380,12 +397,40 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers outlive SIGTERM/SIGUSR1 so that the training process can act on them.
+
+    Slurm signals every process of a job step and the deepspeed launcher the whole process tree; a worker
+    killed by the signal (torch's worker handler re-raises SIGTERM) makes the main process raise "DataLoader
+    worker is killed" mid-step, before the preemption checkpoint. Workers still end with the main process.
+    """
+    del worker_id
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL the loader workers still alive (after an error, say).
+
+    multiprocessing's own exit hook would SIGTERM them, which they ignore, then wait for them forever: a
+    rank that failed (e.g. on a distributed timeout) would hang instead of exiting. Registered after
+    multiprocessing's hook, so it runs first.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def _data_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+    if num_workers:
+        atexit.unregister(_kill_leftover_workers)  # once, however many loaders are built
+        atexit.register(_kill_leftover_workers)
     return DataLoader(
         stream,
         batch_size=None,  # batches are made (and their stats attached) inside the workers
         collate_fn=_as_is,  # the default would turn the (h, w) tuples into lists
         num_workers=num_workers,
+        worker_init_fn=_ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,

@@ -172,8 +172,13 @@ class CaptionDecoder(nn.Module):
         padded_shape: tuple[int, int],
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
+        use_cache: bool = True,
     ) -> list[torch.Tensor]:
-        """Greedy (num_beams=1) or beam-search captions with the KV cache.
+        """Greedy (num_beams=1) or beam-search captions.
+
+        Args:
+            use_cache: Keep attention keys/values between steps (the KV cache). False recomputes the whole
+                prefix at every step: same captions, only slower (tools/bench_generate.py measures it).
 
         Returns:
             Per image the generated ids without BOS, EOS and padding (int64, possibly empty).
@@ -191,7 +196,7 @@ class CaptionDecoder(nn.Module):
             num_beams=num_beams or self.num_beams,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=False,
-            use_cache=True,
+            use_cache=use_cache,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,

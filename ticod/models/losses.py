@@ -34,9 +34,10 @@ class LossCombiner(nn.Module):
         if self.balance == Balance.uncertainty:
             if self.task != Task.joint:
                 raise ValueError("loss.balance=uncertainty needs loss.task=joint")
-            # Named log_var_* so the optimizer's no-weight-decay rule (ticod.optim) recognises them.
-            self.log_var_det = nn.Parameter(torch.zeros(()))
-            self.log_var_cap = nn.Parameter(torch.zeros(()))
+            # Named log_var_* so the optimizer's no-weight-decay rule (ticod.optim) recognises them. Shape
+            # (1,), not (): DeepSpeed's parameter broadcast views each tensor as bytes, which 0-d cannot do.
+            self.log_var_det = nn.Parameter(torch.zeros(1))
+            self.log_var_cap = nn.Parameter(torch.zeros(1))
 
     def forward(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(losses)
@@ -52,11 +53,9 @@ class LossCombiner(nn.Module):
         elif self.task == Task.caption:
             out["loss"] = out["loss_cap"]
         elif self.balance == Balance.uncertainty:
+            s_det, s_cap = self.log_var_det[0], self.log_var_cap[0]
             out["loss"] = (
-                torch.exp(-self.log_var_det) * out["loss_det"]
-                + self.log_var_det
-                + torch.exp(-self.log_var_cap) * out["loss_cap"]
-                + self.log_var_cap
+                torch.exp(-s_det) * out["loss_det"] + s_det + torch.exp(-s_cap) * out["loss_cap"] + s_cap
             )
         else:
             out["loss"] = out["loss_det"] + self.caption_weight * out["loss_cap"]

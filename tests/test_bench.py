@@ -1,0 +1,50 @@
+"""The measuring parts of tools/bench_*.py: peak memory, alternation, ratios and targets (no timings asserted)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import load_tool
+
+bench = load_tool("bench_common")
+CPU = torch.device("cpu")
+MIB = 2**20
+
+
+def test_peak_memory_counts_tensor_bytes_above_the_start_exactly():
+    before = torch.ones(MIB // 4)  # allocated before: not counted
+
+    def work() -> torch.Tensor:
+        a = torch.empty(MIB // 4)  # 1 MiB of float32
+        b = torch.empty(2 * MIB // 4)  # +2 MiB: the peak, 3 MiB
+        del a
+        c = torch.empty(MIB // 8)  # 0.5 MiB while 2 MiB are held: below the peak
+        return b.sum() + c.sum()
+
+    _, peak = bench.peak_memory(work, CPU)
+    assert peak == 3 * MIB
+    assert before.numel() == MIB // 4
+
+
+def test_alternate_warms_up_then_rotates_the_order_each_round():
+    calls: list[str] = []
+
+    def side(name: str, value: float):
+        def run() -> float:
+            calls.append(name)
+            return value
+
+        return run
+
+    values = bench.alternate(
+        {"a": side("a", 1.0), "b": side("b", 2.0), "c": side("c", 3.0)}, repeats=3, warmup=1
+    )
+    assert values == {"a": [1.0] * 3, "b": [2.0] * 3, "c": [3.0] * 3}
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_rows_ratio_of_medians_and_targets():
+    rows = [bench.Row("base", [2.0, 4.0, 100.0], "s"), bench.Row("x", [1.0, 2.0, 3.0], "s", "base")]
+    table = bench.format_table("t", rows)
+    assert rows[1].ratio == 0.5 and "0.500 × base" in table
+    assert bench.Target("lower", 0.5, 0.5, higher_is_better=False).passed
+    assert not bench.Target("higher", 0.49, 0.5, higher_is_better=True).passed

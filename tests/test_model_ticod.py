@@ -189,8 +189,11 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     results = []
     for enable in ("false", "true"):
         model = build(
-            f"model.backbone.grad_checkpointing={enable}", f"model.captioner.grad_checkpointing={enable}"
+            f"model.backbone.grad_checkpointing={enable}",
+            f"model.roi.grad_checkpointing={enable}",
+            f"model.captioner.grad_checkpointing={enable}",
         )
+        assert model.detector.roi_heads.grad_checkpointing == (enable == "true")
         torch.manual_seed(7)  # the RPN/RoI samplers draw random RoIs
         losses = train_losses(model, batch())
         losses["loss"].backward()

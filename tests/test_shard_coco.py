@@ -123,6 +123,29 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(coco_copy: Path, tm
     assert not list((tmp_path / "strict").glob("*.tar*"))  # no partial shard left behind
 
 
+@pytest.mark.parametrize("verify", ["decode", "header"])
+def test_jpeg_check_modes(coco_copy: Path, tmp_path: Path, verify: str) -> None:
+    """Both modes skip truncated files and non-JPEGs; only ``decode`` sees a broken Huffman table."""
+    records, _ = load_records(coco_copy / "annotations/instances_val.json", None)
+    paths = [coco_copy / "val" / r["file_name"] for r in records[:3]]
+    truncated, png, bogus = paths
+    truncated.write_bytes(truncated.read_bytes()[:-200])
+    Image.open(png).save(png, format="PNG")
+    data = bytearray(bogus.read_bytes())
+    dht = data.index(b"\xff\xc4")  # define-Huffman-table: code counts summing far over 256
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    bogus.write_bytes(bytes(data))
+    out = tmp_path / verify
+    assert run(coco_copy, out, "val", "--verify", verify) == 0
+    manifest = json.loads((out / "val-manifest.json").read_text())
+    assert manifest["jpeg_check"] == verify
+    kept = {k for s in manifest["shards"] for k in s["keys"]}
+    skipped = {r["image_id"] for r in records if f"{r['image_id']:012d}" not in kept}
+    ids = [r["image_id"] for r in records[:3]]
+    assert skipped == set(ids if verify == "decode" else ids[:2])
+    assert manifest["total_samples"] == len(records) - len(skipped)
+
+
 def test_grayscale_and_cmyk_jpegs_kept_untouched(coco_copy: Path, tmp_path: Path) -> None:
     records, _ = load_records(coco_copy / "annotations/instances_val.json", None)
     paths = [coco_copy / "val" / r["file_name"] for r in records[:2]]

@@ -122,6 +122,9 @@ class RoIConfig:
     roi_output_size: int = 7
     sampling_ratio: int = 2
     representation_size: int = 1024
+    # Recompute each stage's RoIAlign + box head in backward instead of keeping its RoI features
+    # (batch_size_per_image x C x 7 x 7 per image and stage: the largest activations outside the backbone).
+    grad_checkpointing: bool = False
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -2,12 +2,12 @@
 
 ``python tools/bench_memory.py [--zero-stages 0 1 2 3 --zero-steps 10] [--skip-zero | --skip-ckpt]``
 
-**Gradient checkpointing** (``model.backbone.grad_checkpointing`` + ``model.captioner.grad_checkpointing``,
-both through ``TICOD.set_grad_checkpointing``): two copies of the same model, alternating training steps.
+**Gradient checkpointing** (``model.backbone.grad_checkpointing``, ``model.roi.grad_checkpointing`` and
+``model.captioner.grad_checkpointing``, all through ``TICOD.set_grad_checkpointing``): two copies of the same model, alternating training steps.
 Peak activation memory = the peak of tensor memory during forward + backward above what is allocated
 before it (weights, AdamW state, gradients allocated as after any step): activations plus backward
 temporaries. Measured for the whole model and for the backbone alone
-(the part checkpointing covers; the FPN/RPN/cascade heads are not checkpointed).
+(the FPN and RPN are not checkpointed; the cascade stages recompute RoIAlign + box head).
 
 **ZeRO**: ``deepspeed --num_gpus 2`` (``DS_ACCELERATOR=cpu``, gloo) runs this script as a worker per stage:
 the demo model through :func:`ticod.engine.build_engine`, ``--zero-steps`` steps on the same per-rank

@@ -75,16 +75,30 @@ class Prepared:
     detail: str = ""
 
 
-def check_jpeg(data: bytes) -> str | None:
-    """None if ``data`` is a fully decodable JPEG, else the skip reason.
+# How shard_coco.py checks each JPEG before packing it (--verify).
+VERIFY_MODES = ("decode", "header")
+_EOI = b"\xff\xd9"  # JPEG end-of-image marker
 
-    A draft (DCT-scaled) decode still walks the whole entropy-coded stream, so truncated or corrupt
-    files fail, at a fraction of a full decode's cost. Grayscale and CMYK JPEGs pass unchanged.
+
+def check_jpeg(data: bytes, verify: str = "decode") -> str | None:
+    """None if ``data`` passes the check, else the skip reason.
+
+    ``decode``: a draft (DCT-scaled) decode makes libjpeg read every segment and the whole entropy-coded
+    stream at a fraction of a full decode's cost (~1,800 images/s per core on COCO-sized images), so
+    truncated files and broken tables fail. ``header``: the headers parse as a JPEG and the end-of-image
+    marker is in the last KiB: catches non-JPEGs and truncated files ~3x faster; what only a decode finds
+    shows at training time, where the loader skips and counts the sample (``bad_jpeg``). Either way
+    libjpeg tolerates (with a warning) some damage inside the compressed data, as training does.
+    Grayscale and CMYK JPEGs pass unchanged.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 return NOT_JPEG
+            if verify == "header":
+                return None if _EOI in data[-1024:] else UNREADABLE
             im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except Exception:
@@ -92,7 +106,9 @@ def check_jpeg(data: bytes) -> str | None:
     return None
 
 
-def prepare(record: dict[str, Any], images_dir: str, missing_captions: str) -> Prepared:
+def prepare(
+    record: dict[str, Any], images_dir: str, missing_captions: str, verify: str = "decode"
+) -> Prepared:
     """Read and check one image (runs in worker processes)."""
     key = sample_key(record["image_id"])
     if not record["captions"] and missing_captions != "keep":
@@ -102,7 +118,7 @@ def prepare(record: dict[str, Any], images_dir: str, missing_captions: str) -> P
         data = path.read_bytes()
     except OSError as e:
         return Prepared(key, skip=MISSING_IMAGE, detail=f"{path}: {e.strerror or e}")
-    reason = check_jpeg(data)
+    reason = check_jpeg(data, verify)
     if reason is not None:
         return Prepared(key, skip=reason, detail=str(path))
     meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
@@ -192,6 +208,7 @@ def write_shards(
     overwrite: bool = False,
     sources: dict[str, Any] | None = None,
     progress: bool = True,
+    verify: str = "decode",
 ) -> tuple[dict[str, Any], ShardSummary]:
     """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
 
@@ -209,6 +226,7 @@ def write_shards(
         overwrite: Remove an earlier run's files for ``split`` first, instead of refusing.
         sources: Provenance stored in the manifest (annotation files and their sha256).
         progress: Show a tqdm progress bar.
+        verify: JPEG check before packing, "decode" or "header" (see :func:`check_jpeg`).
 
     Returns:
         The manifest (as written) and a summary.
@@ -218,6 +236,8 @@ def write_shards(
     """
     if missing_captions not in MISSING_CAPTIONS:
         raise ValueError(f"missing_captions must be one of {MISSING_CAPTIONS}, got {missing_captions!r}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     out = Path(out_dir)
@@ -240,7 +260,7 @@ def write_shards(
     summary = ShardSummary()
     shards: list[dict[str, Any]] = []
     current: _ShardFile | None = None
-    work = partial(prepare, images_dir=str(images_dir), missing_captions=missing_captions)
+    work = partial(prepare, images_dir=str(images_dir), missing_captions=missing_captions, verify=verify)
     # fork where available: spawned workers would each re-import torch (via webdataset) for seconds.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
@@ -301,6 +321,7 @@ def write_shards(
         "num_captions": summary.captions,
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
+        "jpeg_check": verify,
         "created_by": "tools/shard_coco.py",
     }
     tmp = manifest_path(out, split).with_suffix(".json.tmp")

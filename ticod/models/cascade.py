@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
@@ -151,6 +152,7 @@ class CascadeRoIHeads(nn.Module):
             cfg.batch_size_per_image, cfg.positive_fraction
         )
         self.num_classes = num_classes
+        self.grad_checkpointing = cfg.grad_checkpointing
         self.score_thresh = cfg.score_thresh
         self.nms_thresh = cfg.nms_thresh
         self.detections_per_img = cfg.detections_per_img
@@ -203,6 +205,15 @@ class CascadeRoIHeads(nn.Module):
             return [box_ops.clip_boxes_to_image(b, size) for b, size in zip(boxes, image_sizes, strict=True)]
 
     # ------------------------------------------------------------------------------- forward
+    def _pool_and_classify(
+        self,
+        stage: CascadeStage,
+        features: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return stage(self.box_roi_pool(features, boxes, image_sizes))
+
     def forward(
         self,
         features: dict[str, torch.Tensor],
@@ -229,7 +240,17 @@ class CascadeRoIHeads(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for i, stage in enumerate(self.stages):
             samples = self.sample(stage, proposals, targets)
-            logits, deltas = stage(self.box_roi_pool(features, samples.proposals, image_sizes))
+            if self.grad_checkpointing:
+                logits, deltas = checkpoint(
+                    self._pool_and_classify,
+                    stage,
+                    features,
+                    samples.proposals,
+                    image_sizes,
+                    use_reentrant=False,
+                )
+            else:
+                logits, deltas = self._pool_and_classify(stage, features, samples.proposals, image_sizes)
             labels = torch.cat(samples.labels)
             losses[f"stage{i}_cls"], losses[f"stage{i}_box"] = fast_rcnn_losses(
                 logits, deltas, labels, torch.cat(samples.regression_targets), stage.class_agnostic

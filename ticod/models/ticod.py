@@ -73,8 +73,10 @@ class TICOD(nn.Module):
         self.tokenizer = tokenizer
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Switch activation checkpointing in the backbone and the caption decoder."""
+        """Switch activation checkpointing in the backbone, the cascade stages and the caption decoder."""
         self.backbone.set_grad_checkpointing(enable)
+        if self.detector is not None:
+            self.detector.roi_heads.grad_checkpointing = enable
         if self.captioner is not None:
             self.captioner.set_grad_checkpointing(enable)
 

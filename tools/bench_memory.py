@@ -146,7 +146,7 @@ def checkpointing(args: argparse.Namespace, report: Report, device: torch.device
         Row("step time, checkpointing on", t["on"], "s/step", "step time, checkpointing off"),
     ]
     shape = tuple(batches[0]["images"].shape)
-    report.table(f"Gradient checkpointing (backbone + caption decoder), batch {shape}", rows)
+    report.table(f"Gradient checkpointing (backbone, cascade stages, caption decoder), batch {shape}", rows)
     report.check(Target("activation memory saved by checkpointing", 1 - (rows[1].ratio or 0), 0.5, True))
     report.check(Target("step time, checkpointing on / off", rows[5].ratio or 0, 1.25, False))
 

@@ -19,6 +19,9 @@ class SizeMismatchError(ValueError):
     """The decoded image's size matches neither orientation the annotation could refer to."""
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def decode_rgb(data: bytes, annotated_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode JPEG bytes to an RGB image (grayscale and CMYK converted), in the annotations' frame.
 
@@ -32,7 +35,9 @@ def decode_rgb(data: bytes, annotated_size: tuple[int, int] | None = None) -> Im
     raw = Image.open(io.BytesIO(data))
     raw.load()
     try:
-        upright = ImageOps.exif_transpose(raw)
+        # exif_transpose copies the image even when there is nothing to rotate: ask first.
+        rotated = raw.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1)
+        upright = ImageOps.exif_transpose(raw) if rotated else raw
     except Exception:  # corrupt EXIF must not cost us the image
         upright = raw
     image = upright
@@ -40,7 +45,7 @@ def decode_rgb(data: bytes, annotated_size: tuple[int, int] | None = None) -> Im
         if raw.size != tuple(annotated_size):
             raise SizeMismatchError(f"image is {raw.size[0]}x{raw.size[1]}, annotation says {annotated_size}")
         image = raw  # boxes refer to the stored pixels
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ class scores are the mean of the stages' softmax probabilities (detectron2's and
 and the boxes come from the last stage's regression, followed by torchvision's per-class NMS and top-K.
 
 Only the cascade logic is written here: matching, sampling, box coding, RoIAlign, NMS and the MLP head
-are torchvision's ``Matcher``, ``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``MultiScaleRoIAlign``,
-``batched_nms`` and ``TwoMLPHead``.
+are torchvision's ``Matcher``, ``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``MultiScaleRoIAlign``
+(with a faster CPU path, :mod:`ticod.models.roi_align`), ``batched_nms`` and ``TwoMLPHead``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from ticod.config import RoIConfig
+from ticod.models.roi_align import MultiScaleRoIAlign
 
 # torchvision's Fast R-CNN loss: smooth-L1 with beta 1/9, summed and divided by the sampled RoIs.
 SMOOTH_L1_BETA = 1.0 / 9.0

@@ -135,3 +135,34 @@ def test_deepspeed_roundtrip(tmp_path, single_rank_pg, stage):
     fresh.step()
     for k, v in fresh.module.state_dict().items():
         torch.testing.assert_close(v, engine.module.state_dict()[k])
+
+
+def test_grad_norm_is_reported_at_every_zero_stage(single_rank_pg):
+    """DeepSpeed reports no gradient norm at stage 0 in fp32; the trainer's own equals stage 2's and torch's."""
+    from ticod.engine import build_engine
+    from ticod.train import unreported_grad_norm
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    plain = Toy()
+    plain(x).backward()
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()]))
+    norms = {}
+    for stage in (0, 2):
+        cfg = load_config(
+            overrides=[
+                f"deepspeed.zero_stage={stage}",
+                "deepspeed.precision=fp32",
+                "max_steps=5",
+                "optim.warmup_steps=1",
+            ]
+        )
+        torch.manual_seed(0)
+        engine = build_engine(Toy(), cfg, world_size=1)
+        engine.backward(engine(x))
+        own = unreported_grad_norm(engine)
+        engine.step()
+        reported = engine.get_global_grad_norm()
+        assert (own is None) == (reported is not None), (stage, own, reported)
+        norms[stage] = float(own if reported is None else reported)
+    assert norms[0] == pytest.approx(expected, rel=1e-5) and norms[2] == pytest.approx(expected, rel=1e-5)

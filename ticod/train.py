@@ -189,7 +189,11 @@ def train(
             continue
         consecutive_nonfinite = 0
         boundary = engine.is_gradient_accumulation_boundary()
+        log_now = boundary and (
+            (state.step + 1) % cfg.logging.log_every == 0 or state.step + 1 == cfg.max_steps
+        )
         engine.backward(loss)
+        grad_norm = unreported_grad_norm(engine) if log_now else None
         engine.step()
         window.add_losses(losses, len(batch["image_sizes"]))
         if not boundary:
@@ -213,7 +217,7 @@ def train(
                     totals[reason] = totals.get(reason, 0) + n
             metrics.update(
                 lr=engine.get_lr()[0],
-                grad_norm=_float(engine.get_global_grad_norm()),
+                grad_norm=_float(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
                 peak_mem_gb=peak_memory_gb(device),
                 nonfinite_skipped=state.nonfinite,
                 bad_samples=sum(state.bad.values()),
@@ -360,6 +364,18 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
+
+
+def unreported_grad_norm(engine) -> float | None:
+    """The gradient norm where DeepSpeed computes none it reports (ZeRO stage 0 in fp32), else None.
+
+    Call between ``backward`` and ``step``. At stage 0 the gradients are all-reduced by then, so every rank's
+    norm is the global one.
+    """
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _float(x: Any) -> float:

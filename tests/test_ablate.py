@@ -204,6 +204,8 @@ def test_report_from_finished_runs(tmp_path):
     assert "| caption_only | — | 14.00 ± 1.41 |" in md and "| joint_lam0.5 | 0.5 | 43.00 |" in md
     assert "| 1 | 0.607 | 0.500 | 0.824 |" in md  # learned weights of uncertainty seed 1
     assert "**Warning**: caption_only give(s)" in md  # 5% distinct captions; joint_lam0.1 has 75%
+    reading = md.split("The other captioning arms (")[1].split(")")[0].split(", ")
+    assert "joint_lam0.1" in reading and "caption_only" not in reading and "detection_only" not in reading
     assert "tiny-bert (layer 2" in md and "joint_lam0.5 seed 1 (missing)" in md
     with Image.open(out / "results.png") as png:
         assert png.format == "PNG" and png.size == (1600, 750)

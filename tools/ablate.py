@@ -422,11 +422,22 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {r['seed']} | {w['w_det']:.3f} | {w['w_cap']:.3f} | {w['lambda']:.3f} |")
     collapsed = [a["name"] for a in arms if a["summary"].get(DISTINCT, {}).get("mean", 1.0) < COLLAPSED_BELOW]
     if collapsed:
+        reading = [
+            a["name"]
+            for a in arms
+            if a["kind"] != "detection_only" and DISTINCT in a["summary"] and a["name"] not in collapsed
+        ]
+        advice = (
+            f" The other captioning arms ({', '.join(reading)}) do read the image at this budget: their lead "
+            "over the collapsed ones on caption metrics is, at least in part, that difference."
+            if reading
+            else " Train longer before reading them."
+        )
         lines += [
             "",
             f"**Warning**: {', '.join(collapsed)} give(s) the same few captions for every image (under "
             f"{COLLAPSED_BELOW:.0%} distinct): the captioner ignores the image there, and the caption metrics "
-            "compare fixed sentences, not image understanding. Train longer before reading them.",
+            f"compare fixed sentences, not image understanding.{advice}",
         ]
     bad = [
         f"{a['name']} seed {r['seed']} ({r['status']})"

@@ -80,9 +80,9 @@ def multi_level_roi_align(
     ]
     weight = (y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :] / sampling_ratio**2).to(dtype)
     taps = index.shape[-1] * index.shape[-2]
-    out = F.embedding_bag(
-        index.reshape(-1, taps), table, per_sample_weights=weight.reshape(-1, taps), mode="sum"
-    )
+    # Kept for backward: int32 halves it where the table allows.
+    index = index.reshape(-1, taps).to(torch.int32 if len(table) < 2**31 else torch.int64)
+    out = F.embedding_bag(index, table, per_sample_weights=weight.reshape(-1, taps), mode="sum")
     return out.view(k, ph, pw, channels).permute(0, 3, 1, 2).to(features[0].dtype)
 
 

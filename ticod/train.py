@@ -366,7 +366,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
 
 
-def unreported_grad_norm(engine) -> float | None:
+def unreported_grad_norm(engine: Any) -> float | None:
     """The gradient norm where DeepSpeed computes none it reports (ZeRO stage 0 in fp32), else None.
 
     Call between ``backward`` and ``step``. At stage 0 the gradients are all-reduced by then, so every rank's

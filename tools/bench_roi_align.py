@@ -2,9 +2,9 @@
 
 ``python tools/bench_roi_align.py [--config configs/demo.yaml] [--batch-size 4] [--threads 1]``
 
-Two tables. The pooler alone: forward + backward of one cascade stage's RoIs (the RoIs a training step
-samples, on the step's own FPN maps). A training step: forward, backward and AdamW of the whole model on
-the same fixed batches, once with torchvision's pooler swapped into every place TICOD uses it and once
+Two tables. The pooler alone: forward + backward of one cascade stage's worth of RoIs (random boxes, as
+many per image as a stage samples) on the FPN maps of the first batch. A training step: forward, backward
+and AdamW of the whole model on the same fixed batches, once with torchvision's pooler swapped in and once
 with TICOD's. Both poolers compute the same values (tests/test_roi_align.py); the table says what the
 CPU path saves. On a GPU both sides run torchvision's kernel, so there is nothing to measure there.
 """

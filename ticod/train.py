@@ -189,6 +189,7 @@ def train(
             continue
         consecutive_nonfinite = 0
         boundary = engine.is_gradient_accumulation_boundary()
+        # This micro-batch completes a step that gets logged (the step count rises below).
         log_now = boundary and (
             (state.step + 1) % cfg.logging.log_every == 0 or state.step + 1 == cfg.max_steps
         )
@@ -207,7 +208,7 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
 
-        if state.step % cfg.logging.log_every == 0 or state.step == cfg.max_steps:
+        if log_now:
             metrics = window.reduce(device, world_size)
             state.samples += metrics.pop("samples")
             state.samples_read += metrics.pop("read")

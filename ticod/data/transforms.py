@@ -12,14 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 
 class SizeMismatchError(ValueError):
     """The decoded image's size matches neither orientation the annotation could refer to."""
-
-
-EXIF_ORIENTATION = 0x0112
 
 
 def decode_rgb(data: bytes, annotated_size: tuple[int, int] | None = None) -> Image.Image:
@@ -36,7 +33,7 @@ def decode_rgb(data: bytes, annotated_size: tuple[int, int] | None = None) -> Im
     raw.load()
     try:
         # exif_transpose copies the image even when there is nothing to rotate: ask first.
-        rotated = raw.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1)
+        rotated = raw.getexif().get(ExifTags.Base.Orientation, 1) not in (None, 1)
         upright = ImageOps.exif_transpose(raw) if rotated else raw
     except Exception:  # corrupt EXIF must not cost us the image
         upright = raw

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# From a fresh clone to a trained demo model on CPU (~10 minutes on 2 cores):
+# From a fresh clone to a trained demo model on CPU (~8 minutes on 2 cores):
 # demo COCO data -> shards -> 2-rank ZeRO-2 training (deepspeed launcher) -> eval -> predictions.
+# Environment: TICOD_DEMO_DIR (default demo_data), TICOD_RUN_DIR (default runs/demo).
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=launch/setup.sh
 source "$ROOT/launch/setup.sh"

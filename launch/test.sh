@@ -2,6 +2,10 @@
 # Set up .venv if needed and run the test suite: launch/test.sh [pytest args]
 # Default: every test except the opt-in Slurm cluster tests (TICOD_TEST_SLURM=1 adds them).
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=launch/setup.sh
 source "$ROOT/launch/setup.sh"

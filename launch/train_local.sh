@@ -3,6 +3,10 @@
 #   launch/train_local.sh CONFIG [key=value ...]
 # One rank per GPU; with no GPU, NPROC CPU ranks (default 2) on gloo. NPROC also caps the GPU count.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="${1:?usage: launch/train_local.sh CONFIG [key=value ...]}"
 shift

@@ -16,13 +16,14 @@ DEMO_VOCAB = 400
 
 
 def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (a script, not a package) as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    """Import ``tools/<name>.py`` (a script, not a package) as a module; ``bench/common`` for tools/bench/."""
+    module_name = name.replace("/", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 

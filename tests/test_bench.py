@@ -1,11 +1,11 @@
-"""The measuring parts of tools/bench_*.py: peak memory, alternation, ratios and targets (no timings asserted)."""
+"""The measuring parts of tools/bench/*.py: peak memory, alternation, ratios and targets (no timings asserted)."""
 
 from __future__ import annotations
 
 import torch
 from conftest import load_tool
 
-bench = load_tool("bench_common")
+bench = load_tool("bench/common")
 CPU = torch.device("cpu")
 MIB = 2**20
 

@@ -276,12 +276,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     schema = OmegaConf.structured(Config)
     try:
         layers = _yaml_layers(Path(path)) if path else []
-        dotlist = OmegaConf.from_dotlist(list(overrides or []))
+        dotlist = OmegaConf.from_dotlist(_empty_strings(schema, list(overrides or [])))
         merged = OmegaConf.merge(schema, *layers, dotlist)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     validate(merged)
     return merged  # type: ignore[return-value]
+
+
+def _empty_strings(schema: DictConfig, overrides: list[str]) -> list[str]:
+    """Read ``key=`` as the empty string where the key is a string (omegaconf reads it as null).
+
+    ``data.tokenizer=`` is how a shell user says "no tokenizer name"; without this it fails with
+    "Incompatible value 'None' for field of type 'str'".
+    """
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and value == "" and isinstance(OmegaConf.select(schema, key, default=None), str):
+            item = f"{key}=''"
+        out.append(item)
+    return out
 
 
 def _yaml_layers(path: Path) -> list[DictConfig]:

@@ -244,7 +244,7 @@ def collate(
     The per-image boxes and labels are views into one tensor each, and ``input_ids``/``attention_mask`` views
     into one: a worker hands every tensor storage to the main process separately (a shared-memory file
     and a descriptor passed over a socket each), so 4 storages per batch instead of 2·B + 3 is what makes
-    the transfer cheap (tools/bench_input.py measures it).
+    the transfer cheap (tools/bench/input.py measures it).
     """
     h = max((s["image"].shape[1] for s in samples), default=0)
     w = max((s["image"].shape[2] for s in samples), default=0)

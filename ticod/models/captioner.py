@@ -178,7 +178,7 @@ class CaptionDecoder(nn.Module):
 
         Args:
             use_cache: Keep attention keys/values between steps (the KV cache). False recomputes the whole
-                prefix at every step: same captions, only slower (tools/bench_generate.py measures it).
+                prefix at every step: same captions, only slower (tools/bench/generate.py measures it).
 
         Returns:
             Per image the generated ids without BOS, EOS and padding (int64, possibly empty).

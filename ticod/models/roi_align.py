@@ -1,7 +1,7 @@
 """torchvision's ``MultiScaleRoIAlign`` with a faster CPU path for training.
 
 torchvision's CPU ``roi_align`` backward recomputes the bilinear sampling weights for every channel and
-took ~45% of a demo training step on CPU (torch profiler; tools/bench_roi_align.py compares the two). On CPU this module computes the same
+took ~45% of a demo training step on CPU (torch profiler; tools/bench/roi_align.py compares the two). On CPU this module computes the same
 RoIAlign (torchvision's sampling points, border clamping and ``aligned=False``, as ``MultiScaleRoIAlign``
 uses) as one ``embedding_bag`` over all FPN levels: every output bin is a weighted sum of
 ``4 * sampling_ratio**2`` feature-map pixels, each a row of ``channels`` values, so the weights are computed

@@ -1,6 +1,6 @@
 """RoIAlign on CPU: torchvision's ``MultiScaleRoIAlign`` vs ticod.models.roi_align, alone and in a training step.
 
-``python tools/bench_roi_align.py [--config configs/demo.yaml] [--batch-size 4] [--threads 1]``
+``python tools/bench/roi_align.py [--config configs/demo.yaml] [--batch-size 4] [--threads 1]``
 
 Two tables. The pooler alone: forward + backward of one cascade stage's worth of RoIs (random boxes, as
 many per image as a stage samples) on the FPN maps of the first batch. A training step: forward, backward
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torchvision
-from bench_common import (
+from common import (
     Report,
     Row,
     add_common_args,

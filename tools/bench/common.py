@@ -1,4 +1,4 @@
-"""Shared parts of the ``tools/bench_*.py`` benchmarks: machine facts, alternating timing, peak memory,
+"""Shared parts of the ``tools/bench/*.py`` benchmarks: machine facts, alternating timing, peak memory,
 FLOP counting, result tables and JSON, and the demo inputs (tools/make_demo_coco.py + shards).
 
 Every benchmark runs both sides in one process, alternating them round by round (the order rotates each
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[1:1] = [str(ROOT), str(ROOT / "tools")]  # run as a script from a checkout (ticod, make_demo_coco)
 
 from ticod.config import Config, Precision, load_config  # noqa: E402
 

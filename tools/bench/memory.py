@@ -1,6 +1,6 @@
 """Memory: gradient checkpointing on vs. off, and per-rank model state of ZeRO stages 0/1/2/3 with 2 ranks.
 
-``python tools/bench_memory.py [--zero-stages 0 1 2 3 --zero-steps 10] [--skip-zero | --skip-ckpt]``
+``python tools/bench/memory.py [--zero-stages 0 1 2 3 --zero-steps 10] [--skip-zero | --skip-ckpt]``
 
 **Gradient checkpointing** (``model.backbone.grad_checkpointing``, ``model.roi.grad_checkpointing`` and
 ``model.captioner.grad_checkpointing``, all through ``TICOD.set_grad_checkpointing``): two copies of the same model, alternating training steps.
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import (
+from common import (
     ROOT,
     Report,
     Row,
@@ -60,7 +60,7 @@ from bench_common import (
     to_device,
     workdir,
 )
-from bench_multitask import BackboneAlone, Side
+from multitask import BackboneAlone, Side
 
 from ticod.config import Config
 from ticod.data.tokenizer import load_tokenizer

@@ -1,6 +1,6 @@
 """Caption generation: captions/s, greedy and beam search, with the KV cache vs. the same decoder without it.
 
-``python tools/bench_generate.py [--beams 3 --max-new-tokens 30] [--device cuda --precision bf16 ...]``
+``python tools/bench/generate.py [--beams 3 --max-new-tokens 30] [--device cuda --precision bf16 ...]``
 
 The backbone runs once per batch outside the timing; each side then generates captions for the same
 image features with ``CaptionDecoder.generate(..., use_cache=True/False)``. Greedy and beam search are
@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 import torch
-from bench_common import (
+from common import (
     Report,
     Row,
     add_common_args,

@@ -1,6 +1,6 @@
 """Data prep: ``tools/shard_coco.py`` images/s vs. plain ``tar cf`` of the same files (the I/O ceiling).
 
-``python tools/bench_shard.py [--images 600 --workers 2 --cold]``
+``python tools/bench/shard.py [--images 600 --workers 2 --cold]``
 
 Both sides, alternating, pack the same split (JPEG dir + instances and captions JSON) into a fresh output
 directory on the same file system. ``shard_coco.py`` runs in this process through its ``main()`` (what
@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import shard_coco
-from bench_common import Report, Row, Target, alternate, machine_info, make_demo_data, setup, workdir
-from bench_input import evict
+from common import Report, Row, Target, alternate, machine_info, make_demo_data, setup, workdir
+from input import evict
+from shard_coco import main as shard_coco_main  # tools/shard_coco.py (common puts tools/ on sys.path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             fresh()
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # its per-run summary
-                code = shard_coco.main(
+                code = shard_coco_main(
                     [
                         f"--images={images}",
                         f"--instances={instances}",

@@ -1,6 +1,6 @@
 """Training throughput through the DeepSpeed engine: images/s per device, model FLOPs utilisation, peak memory.
 
-``python tools/bench_train.py --config configs/ticod_large.yaml --device cuda --image-size 1333x800``
+``python tools/bench/train.py --config configs/ticod_large.yaml --device cuda --image-size 1333x800``
 (GPU: bf16 autocast, gradient checkpointing and ZeRO-2 come from the config; on several GPUs run it under
 ``deepspeed --num_gpus N`` or ``torchrun``). The CPU default (the demo config) only exercises the code.
 
@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 import torch
-from bench_common import (
+from common import (
     Report,
     Row,
     Target,

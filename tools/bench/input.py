@@ -1,6 +1,6 @@
 """Input pipeline: the WebDataset shard loader vs. a per-file COCO loader vs. the decode ceiling.
 
-``python tools/bench_input.py [--workers 1 --batch-size 4 --images 400 --cold]``
+``python tools/bench/input.py [--workers 1 --batch-size 4 --images 400 --cold]``
 
 Sides, alternating round by round, all on the same demo images (COCO-like sizes by default):
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import (
+from common import (
     Report,
     Row,
     Target,

@@ -1,6 +1,6 @@
 """Multitask efficiency: the joint TICOD model vs. a detection-only plus a caption-only model.
 
-``python tools/bench_multitask.py [--config configs/demo.yaml] [--device cuda --precision bf16
+``python tools/bench/multitask.py [--config configs/demo.yaml] [--device cuda --precision bf16
 --image-size 1333x800 --config configs/ticod_large.yaml]``
 
 The two separate models (``loss.task=detection`` and ``loss.task=caption``) each have their own backbone
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_common import (
+from common import (
     Report,
     Row,
     Target,
@@ -45,7 +45,7 @@ from bench_common import (
     to_device,
     workdir,
 )
-from bench_common import alternate as run_alternating
+from common import alternate as run_alternating
 from torch import nn
 
 from ticod.config import Config

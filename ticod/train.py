@@ -99,9 +99,95 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """What the loop works with, built once by :func:`setup`."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    engine: Any
+    state: TrainState
+    tracker: Tracker
+    evaluator: Evaluator
+    loader: Any
+    resume_from: Path | None
+
+    def save(self) -> Path:
+        ts = {"train": asdict(self.state), "config": to_dict(self.cfg)}
+        return ckpt_lib.save_checkpoint(
+            self.engine, Path(self.cfg.run_dir), self.state.step, ts, self.cfg.checkpoint.keep_last
+        )
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = self.evaluator.run(self.engine, self.state.step, self.tracker)
+        self.engine.train()
+        return metrics
+
+
 def train(
     cfg: Config, *, rank: int, world_size: int, device: torch.device, preemption: PreemptionHandler
 ) -> int:
+    """The training loop: one pass of the body is one micro-batch, ``grad_accum`` of them one step."""
+    run = setup(cfg, rank=rank, world_size=world_size, device=device)
+    state, engine = run.state, run.engine
+    if cfg.eval.at_start and state.step == 0:
+        run.evaluate()
+    batches = iter(run.loader)
+    if run.resume_from is not None:
+        ckpt_lib.restore_rng(run.resume_from)  # after iter(loader), which draws a seed from torch's RNG
+    window, progress = Window(), make_progress(cfg, rank, state.step)
+    consecutive_nonfinite = 0
+    t_step = time.perf_counter()
+    while state.step < cfg.max_steps:
+        batch = next(batches)
+        state.batches += 1
+        window.add_stats(batch.get("stats", {}))
+        boundary = engine.is_gradient_accumulation_boundary()
+        # This micro-batch completes a step that gets logged (the step count rises below).
+        log_now = boundary and is_log_step(cfg, state.step + 1)
+        out = forward_backward(run, to_device(batch, device), log_now)
+        if out is None:  # non-finite loss: every rank skipped this micro-batch
+            consecutive_nonfinite += 1
+            stop_if_nonfinite(run, consecutive_nonfinite)
+            continue
+        consecutive_nonfinite = 0
+        losses, window.grad_norm = out
+        window.add_losses(losses, len(batch["image_sizes"]))
+        if not boundary:
+            continue
+
+        state.step += 1
+        now = time.perf_counter()
+        state.train_time_s += now - t_step
+        window.step_time += now - t_step
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss'].item():.3f}")
+        if log_now:
+            log_step(run, window, echo=progress is None)
+            window = Window()
+        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.max_steps:
+            run.evaluate()
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+            run.save()
+        inject_process_fault(cfg.faults, state.step, rank)
+        if should_stop(preemption, device):
+            path = run.save()
+            log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
+            run.tracker.close()
+            return REQUEUE_EXIT_CODE
+        t_step = time.perf_counter()
+
+    if progress is not None:
+        progress.close()
+    finish(run)
+    return 0
+
+
+def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> Run:
+    """Model, engine, resumed state, run files, tracker, evaluator and train loader."""
     run_dir = Path(cfg.run_dir)
     tokenizer = build_tokenizer(cfg.data)
     categories = read_manifest(cfg.data.shards_dir, cfg.data.train_split)["categories"]
@@ -125,8 +211,7 @@ def train(
     elif cfg.checkpoint.resume == "auto":
         log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
     if rank == 0:
-        files = ckpt_lib.RunFiles(to_yaml(cfg), categories, tokenizer)
-        ckpt_lib.write_run_files(run_dir, files)
+        ckpt_lib.write_run_files(run_dir, ckpt_lib.RunFiles(to_yaml(cfg), categories, tokenizer))
     tracker = Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg))
     evaluator = Evaluator(cfg, tokenizer, categories, rank=rank, world_size=world_size, device=device)
     loader = build_train_loader(
@@ -141,123 +226,91 @@ def train(
         state.step,
         cfg.max_steps,
     )
-
-    def save(step: int) -> Path:
-        ts = {"train": asdict(state), "config": to_dict(cfg)}
-        return ckpt_lib.save_checkpoint(engine, run_dir, step, ts, cfg.checkpoint.keep_last)
-
-    if cfg.eval.at_start and state.step == 0:
-        evaluator.run(engine, 0, tracker)
-    window = Window()
-    batches = iter(loader)
-    if resume_from is not None:
-        ckpt_lib.restore_rng(resume_from)  # after iter(loader), which draws a seed from torch's RNG
-    consecutive_nonfinite = 0
-    progress = make_progress(cfg, rank, state.step)
     engine.train()
-    t_step = time.perf_counter()
-    while state.step < cfg.max_steps:
-        batch = next(batches)
-        state.batches += 1
-        window.add_stats(batch.get("stats", {}))
-        batch = to_device(batch, device)
-        losses = engine(
-            batch["images"],
-            targets=batch["targets"] if cfg.loss.task != Task.caption else None,
-            captions=batch["captions"] if cfg.loss.task != Task.detection else None,
-            image_sizes=batch["image_sizes"],
+    return Run(cfg, rank, world_size, device, engine, state, tracker, evaluator, loader, resume_from)
+
+
+def forward_backward(
+    run: Run, batch: dict, log_now: bool
+) -> tuple[dict[str, torch.Tensor], float | None] | None:
+    """Forward, backward and optimizer step of one micro-batch: (losses, grad norm), or None when its
+    loss was non-finite on any rank. The grad norm is computed only on log steps, and only where
+    DeepSpeed reports none (:func:`unreported_grad_norm`)."""
+    cfg, engine, state = run.cfg, run.engine, run.state
+    losses = engine(
+        batch["images"],
+        targets=batch["targets"] if cfg.loss.task != Task.caption else None,
+        captions=batch["captions"] if cfg.loss.task != Task.detection else None,
+        image_sizes=batch["image_sizes"],
+    )
+    loss = losses["loss"]
+    # By micro-batch, not step: a skipped micro-batch leaves the step count unchanged, so a
+    # step-keyed fault would fire again on every retry and one injected NaN would become many.
+    if state.batches in cfg.faults.nan_loss_at_steps:
+        loss = loss * float("nan")
+    if not all_ranks_true(bool(torch.isfinite(loss)), run.device):
+        # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
+        state.nonfinite += 1
+        return None
+    engine.backward(loss)
+    grad_norm = unreported_grad_norm(engine) if log_now else None
+    engine.step()
+    return losses, grad_norm
+
+
+def is_log_step(cfg: Config, step: int) -> bool:
+    return step % cfg.logging.log_every == 0 or step == cfg.max_steps
+
+
+def stop_if_nonfinite(run: Run, consecutive: int) -> None:
+    """Warn about a skipped micro-batch; save and stop after ``max_nonfinite`` in a row."""
+    log.warning("non-finite loss at step %d (skipped; %d in a row)", run.state.step, consecutive)
+    if consecutive >= run.cfg.max_nonfinite:
+        # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
+        path = run.save()
+        raise TrainingStopped(
+            f"{consecutive} consecutive non-finite losses (max_nonfinite={run.cfg.max_nonfinite}); "
+            f"weights from before the fault saved in {path}"
         )
-        loss = losses["loss"]
-        # By micro-batch, not step: a skipped micro-batch leaves the step count unchanged, so a
-        # step-keyed fault would fire again on every retry and one injected NaN would become many.
-        if state.batches in cfg.faults.nan_loss_at_steps:
-            loss = loss * float("nan")
-        if not all_ranks_true(bool(torch.isfinite(loss)), device):
-            # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
-            state.nonfinite += 1
-            consecutive_nonfinite += 1
-            log.warning(
-                "non-finite loss at step %d (skipped; %d in a row)", state.step, consecutive_nonfinite
-            )
-            if consecutive_nonfinite >= cfg.max_nonfinite:
-                # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
-                path = save(state.step)
-                raise TrainingStopped(
-                    f"{consecutive_nonfinite} consecutive non-finite losses (max_nonfinite="
-                    f"{cfg.max_nonfinite}); weights from before the fault saved in {path}"
-                )
-            continue
-        consecutive_nonfinite = 0
-        boundary = engine.is_gradient_accumulation_boundary()
-        # This micro-batch completes a step that gets logged (the step count rises below).
-        log_now = boundary and (
-            (state.step + 1) % cfg.logging.log_every == 0 or state.step + 1 == cfg.max_steps
-        )
-        engine.backward(loss)
-        grad_norm = unreported_grad_norm(engine) if log_now else None
-        engine.step()
-        window.add_losses(losses, len(batch["image_sizes"]))
-        if not boundary:
-            continue
 
-        state.step += 1
-        now = time.perf_counter()
-        state.train_time_s += now - t_step
-        window.step_time += now - t_step
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
 
-        if log_now:
-            metrics = window.reduce(device, world_size)
-            state.samples += metrics.pop("samples")
-            state.samples_read += metrics.pop("read")
-            for kind in ("bad", "fixed"):
-                totals = getattr(state, kind)
-                for reason, n in metrics.pop(kind).items():
-                    totals[reason] = totals.get(reason, 0) + n
-            metrics.update(
-                lr=engine.get_lr()[0],
-                grad_norm=_float(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
-                peak_mem_gb=peak_memory_gb(device),
-                nonfinite_skipped=state.nonfinite,
-                bad_samples=sum(state.bad.values()),
-                samples=state.samples,
-                # Run totals by reason (console, jsonl and wandb): which kind of damage the data has.
-                **{f"bad/{r}": n for r, n in sorted(state.bad.items())},
-                **{f"boxes_dropped/{r}": n for r, n in sorted(state.fixed.items())},
-            )
-            tracker.log(state.step, metrics, prefix="train/", echo=progress is None)
-            check_bad_fraction(state, cfg.max_bad_fraction)
-            window = Window()
+def log_step(run: Run, window: Window, *, echo: bool) -> None:
+    """Reduce the window over ranks, add it to the run totals, log it; stop on too much bad data."""
+    state, engine = run.state, run.engine
+    metrics = window.reduce(run.device, run.world_size)
+    state.samples += metrics.pop("samples")
+    state.samples_read += metrics.pop("read")
+    for kind in ("bad", "fixed"):
+        totals = getattr(state, kind)
+        for reason, n in metrics.pop(kind).items():
+            totals[reason] = totals.get(reason, 0) + n
+    metrics.update(
+        lr=engine.get_lr()[0],
+        grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
+        peak_mem_gb=peak_memory_gb(run.device),
+        nonfinite_skipped=state.nonfinite,
+        bad_samples=sum(state.bad.values()),
+        samples=state.samples,
+        # Run totals by reason (console, jsonl and wandb): which kind of damage the data has.
+        **{f"bad/{r}": n for r, n in sorted(state.bad.items())},
+        **{f"boxes_dropped/{r}": n for r, n in sorted(state.fixed.items())},
+    )
+    run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
+    check_bad_fraction(state, run.cfg.max_bad_fraction)
 
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.max_steps:
-            evaluator.run(engine, state.step, tracker)
-            engine.train()
-        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
-            save(state.step)
-        inject_process_fault(cfg.faults, state.step, rank)
-        if should_stop(preemption, device):
-            path = save(state.step)
-            log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
-            tracker.close()
-            return REQUEUE_EXIT_CODE
-        t_step = time.perf_counter()
 
-    if progress is not None:
-        progress.close()
-    final = save(state.step)
-    if rank == 0:
+def finish(run: Run) -> None:
+    """Final checkpoint, export (rank 0), final evaluation and the run summary."""
+    state, run_dir = run.state, Path(run.cfg.run_dir)
+    final = run.save()
+    if run.rank == 0:
         # Before the final eval: the exported model is there even if evaluation fails.
         export_checkpoint(final, run_dir / "export")
         log.info("exported %s", run_dir / "export")
-    metrics: dict[str, Any] = {}
-    if cfg.eval.at_end:
-        metrics = evaluator.run(engine, state.step, tracker)
-    tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
-    tracker.close()
+    metrics = run.evaluate() if run.cfg.eval.at_end else {}
+    run.tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    run.tracker.close()
     log.info("done: %d steps, %d samples, %.1f s training", state.step, state.samples, state.train_time_s)
-    return 0
 
 
 class Window:
@@ -270,6 +323,7 @@ class Window:
         self.read = 0
         self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>" and "fixed/<reason>"
         self.step_time = 0.0
+        self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
 
     def add_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         for k, v in losses.items():

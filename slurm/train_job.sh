@@ -18,17 +18,27 @@ export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SRUN_CPUS_PER_TASK}"
 if [[ "${TICOD_DEVICE:-}" == cpu ]]; then
   export CUDA_VISIBLE_DEVICES="" DS_ACCELERATOR=cpu
+  # DeepSpeed JIT-builds its CPU comm op with other flags here than outside Slurm; a cache of its own
+  # keeps the two builds from replacing each other (a ~90 s rebuild at every switch).
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions/ticod-cpu}"
 fi
 
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
   "${SLURM_NTASKS} tasks, ${SLURM_NTASKS_PER_NODE:-?} per node, GPUs per node ${SLURM_GPUS_PER_NODE:-none}"
-# No --kill-on-bad-exit: it would SIGTERM the ranks still exiting after a preemption save and turn
-# their status 75 into 143. A crashed rank makes the others fail after deepspeed.dist_timeout_s.
+# --kill-on-bad-exit: a rank that fails (exception, OOM, signal) ends every task of the step at once,
+# instead of leaving the others in a collective until deepspeed.dist_timeout_s. slurm/task.sh turns a
+# rank's preemption status 75 into 0 plus a marker file in REQUEUE_DIR (on the shared run dir, so the
+# markers of every node are seen here), which keeps 75 from counting as a bad exit.
+REQUEUE_DIR="$RUN_DIR/.requeue-${SLURM_JOB_ID}"
+rm -rf "$REQUEUE_DIR" && mkdir -p "$REQUEUE_DIR"
+export TICOD_REQUEUE_DIR="$REQUEUE_DIR"
 set -x
-srun "$PYTHON" -u -m ticod.train "${ARGS[@]}" && status=0 || status=$?
+srun --kill-on-bad-exit=1 bash slurm/task.sh "$PYTHON" -u -m ticod.train "${ARGS[@]}" && status=0 || status=$?
 { set +x; } 2> /dev/null
-if [[ $status -eq $REQUEUE_EXIT_CODE ]]; then
+if [[ $status -eq 0 && -n "$(ls -A "$REQUEUE_DIR")" ]]; then
+  status=$REQUEUE_EXIT_CODE
   echo "checkpoint saved after a preemption signal: scontrol requeue ${SLURM_JOB_ID}"
   scontrol requeue "$SLURM_JOB_ID"
 fi
+rm -rf "$REQUEUE_DIR"
 exit "$status"

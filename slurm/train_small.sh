@@ -18,7 +18,8 @@
 # Preemption: Slurm sends SIGUSR1 120 s before the time limit (so does `scancel --signal=USR1 JOBID`);
 # every rank then finishes its step, saves a checkpoint and exits with status 75, and this script
 # requeues the job, which resumes from that checkpoint (checkpoint.resume=auto). The same job id keeps
-# the same run dir and log file.
+# the same run dir and log file. A rank that fails (exception, OOM, signal) ends every task of the job at
+# once (srun --kill-on-bad-exit, slurm/task.sh), with its status: the job fails and is not requeued.
 #SBATCH --job-name=ticod-small
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

@@ -1,9 +1,11 @@
-"""A real single-node Slurm cluster for tests, started and stopped by the test process itself.
+"""A real Slurm cluster for tests, started and stopped by the test process itself.
 
-``SlurmCluster(workdir).start()`` runs a private ``munged`` (own socket and pid file, so it never
+``SlurmCluster(workdir, nodes=2).start()`` runs a private ``munged`` (own socket and pid file, so it never
 touches a system munge or another test session's cluster), writes ``slurm.conf`` with free ports and
-state dirs under ``workdir``, starts ``slurmctld`` and ``slurmd`` in the foreground as child processes
-and waits until the node is idle. Client commands get ``SLURM_CONF`` through :attr:`SlurmCluster.env`.
+state dirs under ``workdir``, starts ``slurmctld`` and one ``slurmd`` per node in the foreground as child
+processes and waits until every node is idle. Several nodes live on this one machine: each ``slurmd`` has
+its own node name and port on 127.0.0.1 (names ``ticod-n1``, ``ticod-n2``, ... are added to /etc/hosts
+when they do not resolve, since the trainer connects to the first node by name). Client commands get ``SLURM_CONF`` through :attr:`SlurmCluster.env`.
 ``stop()`` cancels this cluster's jobs and ends the daemons by their process ids.
 
 Needs root (slurmd runs jobs as the submitting user, munged runs as the ``munge`` user) and the Debian
@@ -44,7 +46,12 @@ FINISHED = frozenset(
 
 
 class SlurmUnavailable(RuntimeError):
-    """Slurm cannot be brought up on this machine; the message says why (tests skip with it)."""
+    """Slurm cannot be brought up on this machine; the message says why (the tests asked for fail with it)."""
+
+
+def slurm_requested() -> bool:
+    """``TICOD_TEST_SLURM=1``: the Slurm tests were asked for, so a missing prerequisite fails them."""
+    return os.environ.get("TICOD_TEST_SLURM") == "1"
 
 
 def which(name: str) -> str | None:
@@ -76,6 +83,27 @@ def ensure_slurm(install: bool = True) -> None:
         raise SlurmUnavailable(f"still missing after apt-get install slurm-wlm munge: {', '.join(still)}")
 
 
+def ensure_resolvable(names: Sequence[str]) -> None:
+    """Make node names resolve (to 127.0.0.1 through /etc/hosts) where they do not yet.
+
+    Raises:
+        SlurmUnavailable: a name does not resolve and /etc/hosts cannot be written.
+    """
+    missing = []
+    for name in names:
+        try:
+            socket.gethostbyname(name)
+        except OSError:
+            missing.append(name)
+    if not missing:
+        return
+    try:
+        with open("/etc/hosts", "a") as f:
+            f.write(f"127.0.0.1 {' '.join(missing)}  # TICOD test Slurm nodes\n")
+    except OSError as e:
+        raise SlurmUnavailable(f"node names {missing} do not resolve and /etc/hosts is read-only: {e}") from e
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -95,18 +123,25 @@ class Job:
 
 
 class SlurmCluster:
-    """A one-node Slurm cluster living under ``workdir`` (see the module docstring)."""
+    """A Slurm cluster of ``nodes`` nodes on this machine, living under ``workdir`` (see the module docstring).
 
-    def __init__(self, workdir: str | Path, cpus: int | None = None, partition: str = "debug") -> None:
+    ``cpus`` is per node; more than the machine has is allowed (the test jobs are small).
+    """
+
+    def __init__(
+        self, workdir: str | Path, cpus: int | None = None, partition: str = "debug", nodes: int = 1
+    ) -> None:
         self.workdir = Path(workdir)
         self.cpus = cpus or os.cpu_count() or 1
         self.partition = partition
         self.host = socket.gethostname().split(".")[0]
+        # One node is this host itself; several get names of their own, all served from this host.
+        self.nodes = [self.host] if nodes == 1 else [f"ticod-n{i}" for i in range(1, nodes + 1)]
         self.conf = self.workdir / "slurm.conf"
         # munged checks that every directory above its socket is reachable by all users; pytest's
         # tmp dirs are 0700, so the munge dir lives directly under the system temp dir.
         self.munge_dir = Path(tempfile.mkdtemp(prefix="ticod-munge-"))
-        self._procs: list[subprocess.Popen] = []
+        self._procs: dict[str, subprocess.Popen] = {}
         self._munged_pid: int | None = None
 
     @property
@@ -117,16 +152,19 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 60) -> SlurmCluster:
-        """Start munged, slurmctld and slurmd; return once the node is idle."""
+        """Start munged, slurmctld and a slurmd per node; return once every node is idle."""
         ensure_slurm()
-        for d in ("state", "spool", "logs"):
+        for d in ("state", "logs", *(f"spool-{n}" for n in self.nodes)):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
         try:
+            ensure_resolvable(self.nodes)
             self._start_munged()
             self._write_conf()
             self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-            self._spawn("slurmd", [which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
-            self._wait(lambda: self.node_state() == "idle", timeout_s, "the node to become idle")
+            for node in self.nodes:
+                self._spawn(f"slurmd-{node}", [which("slurmd"), "-D", "-f", str(self.conf), "-N", node])
+            idle = ["idle"] * len(self.nodes)
+            self._wait(lambda: self.node_states() == idle, timeout_s, "every node to become idle")
         except BaseException:
             self.stop()
             raise
@@ -139,7 +177,7 @@ class SlurmCluster:
             if jobs:
                 self.run(["scancel", *jobs], check=False)
                 self._wait(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(), 60, None)
-        for proc in reversed(self._procs):  # slurmd before slurmctld
+        for proc in reversed(self._procs.values()):  # slurmds before slurmctld
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -189,12 +227,16 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         w = self.workdir
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
+            f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
+            for n in self.nodes
+        )
         self.conf.write_text(
             f"""\
 ClusterName=ticodtest
 SlurmctldHost={self.host}
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -206,26 +248,26 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 StateSaveLocation={w / "state"}
-SlurmdSpoolDir={w / "spool"}
+SlurmdSpoolDir={w / "spool-%n"}
 SlurmctldPidFile={w / "slurmctld.pid"}
-SlurmdPidFile={w / "slurmd.pid"}
+SlurmdPidFile={w / "slurmd-%n.pid"}
 SlurmctldLogFile={w / "logs" / "slurmctld.log"}
-SlurmdLogFile={w / "logs" / "slurmd.log"}
+SlurmdLogFile={w / "logs" / "slurmd-%n.log"}
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 # Finished jobs stay visible to `scontrol show job` for the whole test session.
 MinJobAge=3600
 KillWait=30
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         )
 
     def _spawn(self, name: str, cmd: Sequence[str | None]) -> None:
         out = open(self.workdir / "logs" / f"{name}.stdout", "wb")  # noqa: SIM115 (lives as long as the daemon)
         proc = subprocess.Popen([str(c) for c in cmd], env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        self._procs.append(proc)
+        self._procs[name] = proc
         time.sleep(0.5)
         if proc.poll() is not None:
             raise SlurmUnavailable(f"{name} exited with {proc.returncode}: {self._log(name)}")
@@ -241,7 +283,7 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
         while time.monotonic() < deadline:
             if ready():
                 return
-            for proc, name in zip(self._procs, ("slurmctld", "slurmd"), strict=False):
+            for name, proc in self._procs.items():
                 if proc.poll() is not None and what is not None:
                     raise SlurmUnavailable(f"{name} died ({proc.returncode}): {self._log(name)}")
             time.sleep(0.5)
@@ -249,7 +291,7 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
             raise SlurmUnavailable(
                 f"timed out after {timeout_s:.0f} s waiting for {what}; "
                 f"sinfo: {self.run(['sinfo'], check=False).stdout.strip()}\n"
-                f"{self._log('slurmctld')}\n{self._log('slurmd')}"
+                + "\n".join(self._log(name) for name in self._procs)
             )
 
     # ------------------------------------------------------------------------------------- commands
@@ -262,9 +304,11 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def node_state(self) -> str:
-        r = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
-        return r.stdout.strip() if r.returncode == 0 else ""
+    def node_states(self) -> list[str]:
+        """Each node's state (``idle``, ``allocated``, ...), in node order."""
+        r = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        states = dict(line.split() for line in r.stdout.splitlines()) if r.returncode == 0 else {}
+        return [states.get(n, "") for n in self.nodes]
 
     def submit(
         self,

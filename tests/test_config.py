@@ -86,3 +86,20 @@ def test_missing_file():
 
 def test_balance_enum():
     assert load_config(overrides=["loss.balance=uncertainty"]).loss.balance == Balance.uncertainty
+
+
+def test_empty_override_is_the_empty_string():
+    # `data.tokenizer=` (use the shards' own BPE) is read by omegaconf as null, which a str field rejects.
+    assert load_config(overrides=["data.tokenizer="]).data.tokenizer == ""
+    assert load_config(overrides=["data.tokenizer=''"]).data.tokenizer == ""
+    with pytest.raises(ConfigError, match=r"max_steps"):  # not a string: still an error naming the key
+        load_config(overrides=["max_steps="])
+
+
+@pytest.mark.parametrize("name", [None, "demo.yaml", "ticod_small.yaml", "ticod_large.yaml"])
+def test_cascade_stage_defaults(name):
+    """The paper's cascade: IoU thresholds 0.5/0.6/0.7, stage loss weights 1/0.5/0.25, in every config."""
+    roi = load_config(CONFIGS / name if name else None).model.roi
+    assert roi.iou_thresholds == [0.5, 0.6, 0.7]
+    assert roi.stage_loss_weights == [1.0, 0.5, 0.25]
+    assert roi.bbox_stds == [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]

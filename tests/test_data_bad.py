@@ -6,12 +6,14 @@ import io
 import itertools
 import json
 import pickle
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from test_data_pipeline import keys
 
 from ticod.config import load_config
 from ticod.data.pipeline import build_eval_loader, build_train_loader
@@ -166,3 +168,37 @@ def test_train_stream_over_only_unreadable_shards_fails_instead_of_hanging(
     cfg = load_config(overrides=[f"data.shards_dir={tmp_path}", "data.num_workers=0"]).data
     with pytest.raises(RuntimeError, match="12 shards in a row had no readable sample"):
         next(iter(build_train_loader(cfg, None, rank=0, world_size=1, seed=0, split="junk")))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_train_stream_counts_what_the_uninterrupted_one_counts(
+    bad_dir: Path, demo_shards_dir: Path, tmp_path: Path, workers: int
+) -> None:
+    """A demo train shard plus the odd, the truncated and the garbage shard: a stream resumed at batch N
+    yields the uninterrupted stream's batches from N on with the same ``stats`` (read, bad, fixed), so a
+    resumed run counts each sample read and each bad one once.
+    """
+    shards = []
+    for source, split, n in ((demo_shards_dir, "train", 1), (bad_dir, "bad", 3)):
+        manifest = json.loads((source / f"{split}-manifest.json").read_text())
+        for shard in manifest["shards"][:n]:
+            shutil.copy(source / shard["name"], tmp_path / shard["name"])
+            shards.append(shard)
+    mixed = {"split": "mixed", "shards": shards, "total_samples": sum(s["samples"] for s in shards)}
+    mixed["categories"] = manifest["categories"]  # the same in both
+    (tmp_path / "mixed-manifest.json").write_text(json.dumps(mixed))
+    overrides = [f"data.shards_dir={tmp_path}", "data.batch_size=3", "data.shuffle_buffer=6"]
+    cfg = load_config(overrides=[*overrides, f"data.num_workers={workers}"]).data
+    tok = load_tokenizer(demo_shards_dir / "tokenizer")
+
+    def take(n: int, start: int = 0) -> list[dict]:
+        loader = build_train_loader(cfg, tok, rank=0, world_size=1, seed=0, start_batch=start, split="mixed")
+        return list(itertools.islice(loader, n))
+
+    full = take(12)
+    _, _, bad, _ = drain(full)
+    assert {"unreadable_shard", "truncated_shard", "bad_jpeg"} <= set(bad)  # the bad shards were drawn
+    for start in (5, 6):  # resumed on either worker
+        resumed = take(12 - start, start)
+        assert keys(resumed) == keys(full[start:])
+        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]

@@ -188,6 +188,8 @@ def test_train_stream_is_seeded_per_rank_and_resumable(demo_shards_dir: Path) ->
     for start in (3, 4):  # resumed on either worker
         resumed = take(7 - start, rank=0, seed=5, start_batch=start)
         assert keys(resumed) == keys(full[start:])
+        # Samples read since the previous batch: the replayed batches were counted before the interruption.
+        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):  # augmentations (size, flip, caption) too
             assert torch.equal(a["images"], b["images"])
             assert torch.equal(a["captions"]["input_ids"], b["captions"]["input_ids"])

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -25,9 +26,12 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from ticod.config import Config, load_config
+from ticod.data.pipeline import build_eval_loader
+from ticod.data.tokenizer import load_tokenizer
 from ticod.evaluate import (
     EvalCountError,
     GroundTruth,
+    _predict,
     coco_detections,
     dedupe,
     evaluate,
@@ -108,6 +112,29 @@ def make_batches() -> list[dict]:
             {"images": images, "image_sizes": sizes, "meta": meta, "stats": {"read": len(ids), "bad": {}}}
         )
     return batches
+
+
+def predict_batches(model: TICOD, batches: list[dict]) -> list[list[dict]]:
+    """The model's records of each batch, in this process (the reference)."""
+    with torch.no_grad():
+        return [
+            to_records(
+                model(
+                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
+                ),
+                b["meta"],
+                word_tokenizer(),
+            )
+            for b in batches
+        ]
+
+
+def save_ground_truth(records: list[dict], directory: Path) -> str:
+    """:func:`ground_truth_from` the records, saved for spawned ranks; returns the file."""
+    gt = ground_truth_from(records)
+    path = directory / "gt.pt"
+    torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
+    return str(path)
 
 
 def ground_truth_from(records: list[dict]) -> GroundTruth:
@@ -199,18 +226,7 @@ def test_render_sample_draws_on_the_denormalised_image():
 def test_evaluate_single_process_writes_consistent_outputs(tmp_path):
     cfg = tiny_config()
     model, tok, batches = build_model(cfg), word_tokenizer(), make_batches()
-    with torch.no_grad():
-        records = [
-            r
-            for b in batches
-            for r in to_records(
-                model(
-                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
-                ),
-                b["meta"],
-                tok,
-            )
-        ]
+    records = [r for recs in predict_batches(model, batches) for r in recs]
     gt = ground_truth_from(records)
     cfg.eval.bertscore = False
     cfg.eval.num_sample_images = 3
@@ -289,25 +305,9 @@ def _rank_main(
 
 @pytest.fixture(scope="module")
 def saved_gt(tmp_path_factory) -> str:
-    cfg = tiny_config()
-    model, tok = build_model(cfg), word_tokenizer()
     torch.set_num_threads(1)  # the same kernels as the spawned ranks
-    with torch.no_grad():
-        records = [
-            r
-            for b in make_batches()
-            for r in to_records(
-                model(
-                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
-                ),
-                b["meta"],
-                tok,
-            )
-        ]
-    gt = ground_truth_from(records)
-    path = tmp_path_factory.mktemp("gt") / "gt.pt"
-    torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
-    return str(path)
+    per_batch = predict_batches(build_model(tiny_config()), make_batches())
+    return save_ground_truth([r for recs in per_batch for r in recs], tmp_path_factory.mktemp("gt"))
 
 
 def _run(world_size: int, out_dir: Path, gt_file: str, drop_last_batch: bool = False) -> None:
@@ -367,3 +367,120 @@ def test_ground_truth_from_original_coco_json(tmp_path):
     assert gt.instances is not None and gt.instances.getAnnIds(imgIds=[9]) == [1]
     assert subset(gt, [9, 77]).image_ids == [9]
     assert label_categories(list(reversed(instances["categories"]))) == (CATEGORY_IDS, CATEGORY_NAMES)
+
+
+# ------------------------------------------------------------------- streams that own no image
+@pytest.mark.parametrize("case", ["max_images", "unreadable_shard"])
+def test_streams_without_images_and_unreadable_shards_count_each_image_once(case, demo_shards_dir, tmp_path):
+    """4 ranks x 2 workers = 8 streams over the 3 demo val shards (3 + 3 + 2 images), so every stream reads
+    every shard and keeps its own images. With ``eval.max_images=3`` five streams own none; with the middle
+    shard unreadable three own none, and its 3 images are counted bad once, not once per stream. Streams
+    that own no image still hand over their counts in a batch of 0 images, which must not reach the model.
+    """
+    shards, max_images = demo_shards_dir, 0
+    if case == "max_images":
+        max_images = 3
+    else:
+        shards = tmp_path / "shards"
+        shutil.copytree(demo_shards_dir, shards)
+        (shards / "val-000001.tar").write_bytes(b"not a tar archive" * 64)
+    cfg = tiny_config(f"data.shards_dir={shards}", "data.num_workers=2", "data.eval_batch_size=2")
+    cfg.data.test_min_size, cfg.data.max_size = 64, 96  # a few seconds on CPU
+    model, tok = build_model(cfg), load_tokenizer(demo_shards_dir / "tokenizer")
+    records, bad, empty_batches = [], 0, 0
+    for rank in range(4):
+        loader = build_eval_loader(cfg.data, tok, rank=rank, world_size=4, max_samples=max_images)
+        batches = list(loader)
+        empty_batches += sum(not b["meta"] for b in batches)
+        recs, _, rank_bad, _ = _predict(model, batches, tok, torch.device("cpu"), num_samples=0)
+        records += recs
+        bad += rank_bad
+    assert empty_batches >= (5 if case == "max_images" else 3)  # the case this test is about
+    readable = [0, 1, 2] if case == "max_images" else [0, 1, 2, 6, 7]  # indices into image_ids
+    expected_bad = 0 if case == "max_images" else 3
+    assert bad == expected_bad
+    assert len(loader.image_ids) == (3 if case == "max_images" else 8)
+    # The ground truth is rebuilt from the shards (no COCO JSON given), as in training's evaluation.
+    gt = subset(load_ground_truth("", "", str(shards), "val"), loader.image_ids)
+    assert gt.image_ids == sorted(loader.image_ids)
+    unique = dedupe(records, gt.image_ids, bad)  # raises unless each image is counted once
+    assert len(records) == len(unique)
+    assert sorted(r["image_id"] for r in records) == sorted(loader.image_ids[i] for i in readable)
+
+
+# ------------------------------------------------------------------------- ZeRO-3, uneven shares
+ZERO3_SHARES = (slice(0, 3), slice(3, None))  # batches of rank 0 (2 + 2 + 2 images) and rank 1 (1 image)
+
+
+def eos_forced_model(cfg: Config, eos_scale: float) -> TICOD:
+    """The tiny model with its EOS embedding scaled: EOS wins at some steps of some images, not others
+    (the untouched model writes ``max_new_tokens`` for every image)."""
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.captioner.gpt.transformer.wte.weight[EOS] *= eos_scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def zero3_case(tmp_path_factory) -> tuple[float, list[dict], str]:
+    """An EOS scale at which the first batches of the two ranks end their captions at different lengths
+    (so HF generate would stop at a different step on each rank), the reference records, and the GT file."""
+    cfg, batches = tiny_config(), make_batches()
+    torch.set_num_threads(1)  # the same kernels as the spawned ranks
+    for eos_scale in [2.0 + 0.2 * i for i in range(20)]:
+        per_batch = predict_batches(eos_forced_model(cfg, eos_scale), batches)
+        longest = [max(len(r["caption"].split()) for r in recs) for recs in per_batch]
+        first = [longest[share][0] for share in ZERO3_SHARES]
+        if first[0] != first[1] and min(longest) < cfg.model.captioner.max_new_tokens:
+            break
+    else:
+        pytest.fail("no EOS scale makes the captions end at different lengths on the two ranks")
+    records = [r for recs in per_batch for r in recs]
+    return eos_scale, records, save_ground_truth(records, tmp_path_factory.mktemp("gt_zero3"))
+
+
+def _zero3_rank_main(rank: int, port: int, out_dir: str, gt_file: str, eos_scale: float) -> None:
+    from ticod import engine as engine_lib
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    engine_lib.init_distributed("gloo", timeout_s=120)  # a rank left waiting fails the test, not hangs it
+    try:
+        cfg = tiny_config("deepspeed.zero_stage=3", "deepspeed.precision=fp32", "eval.bertscore=false")
+        engine = engine_lib.build_engine(eos_forced_model(cfg, eos_scale), cfg, world_size=2)
+        engine.eval()
+        evaluate(
+            engine.module,
+            make_batches()[ZERO3_SHARES[rank]],
+            gt=GroundTruth(**torch.load(gt_file, weights_only=False)),
+            category_ids=CATEGORY_IDS,
+            category_names=CATEGORY_NAMES,
+            tokenizer=word_tokenizer(),
+            cfg=cfg.eval,
+            rank=rank,
+            world_size=2,
+            out_dir=out_dir,
+            device=torch.device("cpu"),
+            image_mean=MEAN,
+            image_std=STD,
+            synced=True,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_uneven_shares_and_caption_lengths(tmp_path, zero3_case):
+    """ZeRO-3 partitions the weights, so every module forward is a collective. Rank 0 has 3 batches and
+    rank 1 one, and their first batches' captions end at different steps: the ranks must still finish,
+    with the predictions of one process that holds the whole model."""
+    eos_scale, records, gt_file = zero3_case
+    mp.spawn(_zero3_rank_main, args=(_free_port(), str(tmp_path), gt_file, eos_scale), nprocs=2)
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == NUM_IMAGES
+    captions = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
+    assert json.loads((tmp_path / "captions.json").read_text()) == captions
+    assert json.loads((tmp_path / "detections.json").read_text()) == coco_detections(
+        records, CATEGORY_IDS, 0.0
+    )

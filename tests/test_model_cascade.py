@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from ticod.config import RoIConfig
 from ticod.models.cascade import CascadeRoIHeads
@@ -211,3 +211,35 @@ def test_background_only_batch_gives_every_parameter_a_gradient(class_agnostic):
         assert math.isfinite(losses[f"stage{i}_cls"].item())
     sum(losses.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_each_stage_labels_rois_at_its_own_iou_threshold():
+    """RoIs at IoU 0.55, 0.65 and 0.75 with a GT box: foreground in stage 0 (0.5) for all three, in stage 1
+    (0.6) for the last two, in stage 2 (0.7) for the last one; everything else is background.
+
+    Run through the training forward with identity refinement, so each stage sees the same RoIs.
+    """
+    head = three_stage_head(batch_size_per_image=512).train()  # the sampler keeps every RoI
+    for stage in head.stages:
+        torch.nn.init.zeros_(stage.bbox_pred.weight)
+        torch.nn.init.zeros_(stage.bbox_pred.bias)
+    gt = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+    # Same height and left edge as the GT: IoU = width / 40.
+    rois = torch.tensor([[0.0, 0.0, 22.0, 40.0], [0.0, 0.0, 26.0, 40.0], [0.0, 0.0, 30.0, 40.0]])
+    torch.testing.assert_close(box_iou(gt, rois)[0], torch.tensor([0.55, 0.65, 0.75]))
+    seen = []
+    sample = head.sample
+
+    def recording_sample(stage, proposals, targets):
+        samples = sample(stage, proposals, targets)
+        seen.append(samples)
+        return samples
+
+    head.sample = recording_sample
+    target = {"boxes": gt, "labels": torch.tensor([2])}
+    _, losses = head(features(1), [rois], [(IMAGE, IMAGE)], [target])
+    assert len(seen) == 3 and all(math.isfinite(v.item()) for v in losses.values())
+    expected = [[2, 2, 2], [0, 2, 2], [0, 0, 2]]
+    for i, (samples, labels) in enumerate(zip(seen, expected, strict=True)):
+        torch.testing.assert_close(samples.proposals[0], torch.cat([rois, gt]), msg=f"stage {i}")
+        assert samples.labels[0].tolist() == [*labels, 2], f"stage {i}"  # the appended GT: always foreground

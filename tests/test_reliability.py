@@ -3,10 +3,11 @@
 The run tests drive ``python -m ticod.train`` the way users do (tests/test_train.py's ``run_train``), on
 tiny shards made here; the security tests check the source and the shard reader. Proven elsewhere:
 
-- resume after SIGKILL of one of 2 ranks is exact step for step (losses, data order, RNG):
-  tests/test_train.py::test_resume_after_kill_is_exact; the pieces it relies on: RNG and optimizer/LR
-  state (tests/test_checkpoint.py::test_deepspeed_roundtrip), stream position
-  (tests/test_data_pipeline.py::test_train_stream_is_seeded_per_rank_and_resumable);
+- resume after SIGKILL of one of 2 ranks is exact step for step (losses, weights, trainer state; the
+  resumed run does only the remaining steps): tests/test_train.py::test_resume_after_kill_is_exact; the
+  pieces it relies on: RNG and optimizer/LR state (tests/test_checkpoint.py::test_deepspeed_roundtrip),
+  stream position and counts (tests/test_data_pipeline.py::test_train_stream_is_seeded_per_rank_and_resumable,
+  tests/test_data_bad.py::test_resumed_train_stream_counts_what_the_uninterrupted_one_counts);
 - every bad-sample reason at loader level, no ``.pkl`` member unpickled: tests/test_data_bad.py;
 - ``latest`` skips ``.tmp-``/unmarked dirs, keep-last never prunes the newest: tests/test_checkpoint.py;
 - uneven eval shares across 2 ranks (different batch counts per rank) give the metrics of one rank:
@@ -46,11 +47,13 @@ from test_train import (
     LAUNCHER_VARS,
     ROOT,
     _port,
+    assert_same_weights,
     losses_by_step,
     ok,
     run_killing_group,
     run_train,
     train_log,
+    trainer_state,
 )
 
 from ticod import checkpoint as ck
@@ -456,6 +459,65 @@ def test_checkpoint_interrupted_by_a_killed_rank_is_never_resumed_from(demo_shar
     assert [again[s] for s in (3, 4)] == [first[3], first[4]]  # CPU + gloo: bit-exact
     metrics = json.loads((run / "eval" / ck.checkpoint_name(4) / "metrics.json").read_text())
     assert metrics["num_images"] == 8 and metrics["world_size"] == 2
+
+
+# ---------------------------------------------------------------------- non-finite loss, one rank
+# ticod.train with the loss of one rank's N-th training micro-batch made NaN (faults.nan_loss_at_steps
+# faults every rank alike).
+NAN_ON_ONE_RANK = """
+import os, sys
+
+from ticod import train
+from ticod.models import TICOD
+
+RANK, MICRO_BATCH = int(os.environ["NAN_RANK"]), int(os.environ["NAN_MICRO_BATCH"])
+_forward = TICOD.forward
+calls = 0
+
+
+def forward(self, *args, **kwargs):
+    global calls
+    out = _forward(self, *args, **kwargs)
+    if self.training and int(os.environ["RANK"]) == RANK:
+        calls += 1
+        if calls == MICRO_BATCH:
+            out["loss"] = out["loss"] * float("nan")
+    return out
+
+
+TICOD.forward = forward
+if __name__ == "__main__":
+    sys.exit(train.main())
+"""
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_is_skipped_by_every_rank(demo_shards_dir: Path, tmp_path: Path) -> None:
+    """2 ranks, ZeRO-2, NaN loss on rank 1's 2nd micro-batch only: both ranks skip that micro-batch (rank 0
+    must not train on its own), keep the same step count and end with the weights, losses and trainer
+    state of a run in which every rank had the NaN there.
+    """
+    (tmp_path / "ticod_nan_on_one_rank.py").write_text(NAN_ON_ONE_RANK)
+    # A short collective timeout: ranks that disagree fail fast instead of waiting out the default.
+    common = [f"data.shards_dir={demo_shards_dir}", "max_steps=3", "deepspeed.zero_stage=2"]
+    common.append("deepspeed.dist_timeout_s=60")
+    one, every = tmp_path / "one", tmp_path / "every"
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "NAN_RANK": "1", "NAN_MICRO_BATCH": "2"}
+    proc = launch_module("ticod_nan_on_one_rank", [f"run_dir={one}", *common], env=env)
+    ok(proc)
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING non-finite loss at step 1 (skipped; 1 in a row)" in proc.stderr
+    rows = train_log(one)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["train/nonfinite_skipped"] for r in rows] == [0, 1, 1]
+
+    ok(run_train([f"run_dir={every}", *common, "faults.nan_loss_at_steps=[2]"], nproc=2))
+    assert losses_by_step(one) == losses_by_step(every)
+    state = trainer_state(one, 3)
+    assert state == trainer_state(every, 3)
+    assert (state["step"], state["batches"], state["nonfinite"], state["samples"]) == (3, 4, 1, 3 * 2 * 2)
+    assert_same_weights(every / "export" / "model.safetensors", one / "export" / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------- preemption

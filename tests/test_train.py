@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ticod import checkpoint as ck
 
@@ -115,30 +117,85 @@ def test_config_error_exits_with_message(tmp_path):
     assert "config key 'optim.lr'" in proc.stderr
 
 
+ZERO_STEPS = 3
+ZERO_RUNS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")]  # (stage, precision)
+# How far a ZeRO stage may end from stage 0 (fp32) after ZERO_STEPS steps: the largest |weight difference|
+# and the relative difference of the updates, |w - w0| / |w0 - w_init| (L2 over all weights; 1.0 for a
+# stage that never updates). Measured on this model (2 CPU ranks, AdamW, lr 1e-3 / backbone 2e-4, largest
+# update 2.5e-3): stages 1-3 fp32 1.9e-5 and 1.7e-5 (other reduction order), stage 2 bf16 autocast
+# 4.8e-3 and 0.19 (no bound on the largest: bf16 flips the sign of tiny gradients, which AdamW turns
+# into full steps).
+ZERO_TOLERANCE = {
+    (1, "fp32"): (5e-5, 1e-4),
+    (2, "fp32"): (5e-5, 1e-4),
+    (3, "fp32"): (5e-5, 1e-4),
+    (2, "bf16"): (math.inf, 0.4),
+}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(demo_shards_dir, tmp_path_factory):
+    """``run(stage, precision)``: the run dir of a 2-rank run of ZERO_STEPS steps, made once per module."""
+    runs: dict[tuple[int, str], Path] = {}
+
+    def run(stage: int, precision: str) -> Path:
+        if (stage, precision) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}_{precision}") / "run"
+            overrides = [f"data.shards_dir={demo_shards_dir}", f"max_steps={ZERO_STEPS}"]
+            overrides += [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+            ok(run_train([f"run_dir={run_dir}", *overrides], nproc=2))
+            runs[stage, precision] = run_dir
+        return runs[stage, precision]
+
+    return run
+
+
+def initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a run started from: its model built with its seed, as ticod.train builds it."""
+    from ticod.config import load_config
+    from ticod.data.tokenizer import load_tokenizer
+    from ticod.factory import build_model
+
+    cfg = load_config(run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg, load_tokenizer(run_dir / "tokenizer")).state_dict()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_zero_stages_two_ranks(demo_shards_dir, tmp_path, stage, precision):
-    run = tmp_path / "run"
-    proc = run_train(
-        [
-            f"run_dir={run}",
-            f"data.shards_dir={demo_shards_dir}",
-            "max_steps=3",
-            f"deepspeed.zero_stage={stage}",
-            f"deepspeed.precision={precision}",
-        ],
-        nproc=2,
-    )
-    ok(proc)
+@pytest.mark.parametrize(("stage", "precision"), ZERO_RUNS)
+def test_zero_stages_two_ranks(zero_runs, stage, precision):
+    """Every ZeRO stage trains: each weight moved from its initial value, by at most what AdamW's steps can
+    move it, and stages 1-3 end within ZERO_TOLERANCE of stage 0."""
+    run = zero_runs(stage, precision)
     rows = train_log(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["train/loss"]) for r in rows)
-    assert (run / "export" / "model.safetensors").is_file()
+    weights = load_file(run / "export" / "model.safetensors")
+    initial = initial_weights(run)
+    assert weights and weights.keys() <= initial.keys()
+    for k, w in weights.items():
+        moved = (w - initial[k]).abs().max().item()
+        # AdamW moves a weight by ~lr (<= 1e-3 here) a step: more means the initial weights are not these.
+        assert 0 < moved < 2 * ZERO_STEPS * 1e-3, (k, moved)
+    if stage == 0:
+        return
+    reference = load_file(zero_runs(0, "fp32") / "export" / "model.safetensors")
+    assert reference.keys() == weights.keys()
+    w, w0, w_init = (
+        torch.cat([d[k].flatten() for k in sorted(weights)]) for d in (weights, reference, initial)
+    )
+    largest = (w - w0).abs().max().item()
+    relative = ((w - w0).norm() / (w0 - w_init).norm()).item()
+    print(f"stage {stage} {precision}: max |w - w0| {largest:.2g}, relative {relative:.2g}")
+    max_abs, max_relative = ZERO_TOLERANCE[stage, precision]
+    assert largest <= max_abs and relative <= max_relative, (largest, relative)
 
 
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
-    """2 ranks, ZeRO-2: kill a rank after step 4, resume from the step-3 checkpoint, compare losses."""
+    """2 ranks, ZeRO-2: kill a rank after step 4, resume from the step-3 checkpoint; the resumed run does
+    steps 4..6 only and ends with the uninterrupted run's losses, weights and trainer state.
+    """
     common = [
         f"data.shards_dir={demo_shards_dir}",
         "max_steps=6",
@@ -151,11 +208,37 @@ def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
     killed = run_train([f"run_dir={cut}", *common, "faults.kill_at_step=4", "faults.kill_rank=1"], nproc=2)
     assert killed.returncode != 0
     assert [p.name for p in ck.list_checkpoints(cut)] == [ck.checkpoint_name(3)]
-    ok(run_train([f"run_dir={cut}", *common, "--resume", "auto"], nproc=2))
+    before = len(train_log(cut))
+    resumed = run_train([f"run_dir={cut}", *common, "--resume", "auto"], nproc=2)
+    ok(resumed)
+    assert f"resumed from {cut / ck.CKPT_DIR / ck.checkpoint_name(3)} at step 3" in resumed.stderr
+    # The jsonl is appended to: the resumed run's own rows come after the killed run's.
+    assert [r["step"] for r in train_log(cut)[before:]] == [4, 5, 6]
 
     expected, got = losses_by_step(ref), losses_by_step(cut)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     # Steps 4..6 were logged twice in the cut run (before the kill and after the resume): the
-    # jsonl keeps the latest, i.e. the resumed run's values. CPU + gloo: bit-exact.
+    # dict keeps the latest, i.e. the resumed run's values. CPU + gloo: bit-exact.
     for step in range(1, 7):
         assert got[step] == expected[step], (step, got[step], expected[step])
+    assert_same_weights(ref / "export" / "model.safetensors", cut / "export" / "model.safetensors")
+    expected_state = trainer_state(ref, 6)
+    assert trainer_state(cut, 6) == expected_state
+    assert expected_state["step"] == 6 and expected_state["samples"] == 6 * 2 * 2
+
+
+def trainer_state(run_dir: Path, step: int) -> dict:
+    """The ``train`` part of a checkpoint's ``trainer_state.json``, less the wall time (the one field that
+    differs between identical runs)."""
+    path = run_dir / ck.CKPT_DIR / ck.checkpoint_name(step) / ck.STATE_FILE
+    state = json.loads(path.read_text())["train"]
+    assert state.pop("train_time_s") > 0
+    return state
+
+
+def assert_same_weights(expected: Path, got: Path) -> None:
+    """Two exported ``model.safetensors`` hold the same tensors, bit for bit."""
+    a, b = load_file(expected), load_file(got)
+    assert a.keys() == b.keys() and a
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:5]}"

@@ -67,6 +67,40 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_resume_on_rank0(resume: str, run_dir: str | Path) -> Path | None:
+    """:func:`resolve_resume` on rank 0, the same answer on every rank (a collective).
+
+    Ranks that each look for the latest checkpoint can disagree (a checkpoint published between their
+    looks, a node that sees another directory), and a job whose ranks resume from different steps, or some
+    from none, trains on silently. Every rank must then see the chosen checkpoint.
+
+    Raises:
+        FileNotFoundError: on every rank, when rank 0 found no checkpoint at ``resume`` or a rank cannot
+            see the one rank 0 chose.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return resolve_resume(resume, run_dir)
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", resolve_resume(resume, run_dir))]
+        except FileNotFoundError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise FileNotFoundError(value)
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, value is None or (value / STATE_FILE).is_file())
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise FileNotFoundError(
+            f"rank 0 resumes from {value}, which ranks {blind} cannot see: run_dir and checkpoint.resume "
+            "must be on a filesystem every node sees"
+        )
+    return value
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -113,8 +147,14 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Restore the engine (weights, optimizer, LR schedule); return the trainer state.
+def read_trainer_state(ckpt: Path) -> dict:
+    """The ``trainer_state.json`` of a checkpoint: {"train": ..., "plan": ..., "config": ...}."""
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def load_checkpoint(engine, ckpt: Path, state_dir: Path | None = None) -> dict:
+    """Restore the engine (weights, optimizer, LR schedule) from ``ckpt``; return the trainer state of
+    ``state_dir`` (default ``ckpt``; the original checkpoint when ``ckpt`` is its universal form).
 
     The RNG is restored separately (:func:`restore_rng`), right before the first step: building the data
     loader iterator draws from torch's global RNG, which the uninterrupted run did before step 1.
@@ -124,7 +164,7 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    return json.loads((ckpt / STATE_FILE).read_text())
+    return read_trainer_state(state_dir or ckpt)
 
 
 def restore_rng(ckpt: Path) -> None:

@@ -8,6 +8,7 @@ combinations fail at start with a :class:`ConfigError` that names the key.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class Precision(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class LrScaling(str, enum.Enum):
+    none = "none"
+    linear = "linear"
+    sqrt = "sqrt"
 
 
 class WandbMode(str, enum.Enum):
@@ -177,8 +184,15 @@ class OptimConfig:
     weight_decay: float = 0.05  # not applied to norms, biases, embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio at max_steps
+    # Warmup: at most one of warmup_steps and warmup_samples (neither: no warmup). Samples (all ranks) keep
+    # the warmup the same at every world size; steps do not. Set one, the other is unset (as the budget).
+    warmup_steps: int | None = 500
+    warmup_samples: int | None = None
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio at the end of the budget
+    # Peak lr = lr (and backbone_lr) x scale, for the global batch B = data.batch_size x grad_accum x world
+    # size: scale 1 (none), B / reference_batch (linear) or sqrt(B / reference_batch) (sqrt; Adam's rule).
+    lr_scaling: LrScaling = LrScaling.none
+    reference_batch: int = 0  # the global batch lr and backbone_lr were tuned for (needed for a scaling)
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
 
@@ -245,14 +259,26 @@ class FaultConfig:
     nan_loss_at_steps: list[int] = field(default_factory=list)
     kill_at_step: int = 0  # after this optimizer step, `kill_rank` SIGKILLs itself (0 = never)
     kill_rank: int = 0
-    hang_at_step: int = 0  # after this step, `kill_rank` stops responding (sleeps) instead
+    hang_at_step: int = 0  # after this step, `hang_rank` stops responding (sleeps)
+    # Default kill_rank. Another rank than kill_rank stands for a rank stuck in a collective that never
+    # notices the failed rank (as on NCCL): only the launcher can end it.
+    hang_rank: int | None = None
+    raise_at_step: int = 0  # after this step, `kill_rank` raises an exception (the process exits 1)
 
 
 @dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
-    max_steps: int = 90_000
+    # The training budget: exactly one of max_steps, train_samples and train_epochs. A YAML file (one only)
+    # or an override that sets one of them unsets the others set before it (`max_steps=100` on top of a
+    # config in epochs means 100 steps). Steps are optimizer steps of the global batch (data.batch_size x
+    # optim.grad_accum x world size), so what they train on changes with the GPU count; samples (images, all
+    # ranks) and epochs (passes over the train manifest's total_samples) do not: ticod/budget.py converts
+    # them to steps at start.
+    max_steps: int | None = 90_000
+    train_samples: int | None = None
+    train_epochs: float | None = None
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     max_bad_fraction: float = 0.01  # bad samples / samples read before the run stops
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,17 +297,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Build a validated config from the schema, an optional YAML file and ``key=value`` overrides.
 
     YAML files may name a base with a top-level ``defaults: [other.yaml]`` list (paths relative
-    to the file), applied before the file itself.
+    to the file), applied before the file itself. ``path`` may also name a shipped config (:func:`find_config`).
     """
     schema = OmegaConf.structured(Config)
     try:
-        layers = _yaml_layers(Path(path)) if path else []
-        dotlist = OmegaConf.from_dotlist(_empty_strings(schema, list(overrides or [])))
-        merged = OmegaConf.merge(schema, *layers, dotlist)
+        layers = _yaml_layers(find_config(path)) if path else []
+        # One layer per override: of a ONE_OF group the key given last wins, as for one key given twice.
+        items = _empty_strings(schema, list(overrides or []))
+        layers += [_one_of(OmegaConf.from_dotlist([item]), "the overrides") for item in items]
+        merged = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     validate(merged)
     return merged  # type: ignore[return-value]
+
+
+# The repository's configs/, shipped inside the package (ticod/configs is a link to it).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """A YAML file, else the shipped config of that name: ``ticod_large`` or ``ablation/joint(.yaml)``."""
+    given = Path(path)
+    shipped = SHIPPED_CONFIGS / (given if given.suffix == ".yaml" else given.with_name(given.name + ".yaml"))
+    if given.is_file() or given.is_absolute() or not shipped.is_file():
+        return given  # a missing file fails in _yaml_layers, naming it
+    return shipped
 
 
 def _empty_strings(schema: DictConfig, overrides: list[str]) -> list[str]:
@@ -301,7 +342,10 @@ def _empty_strings(schema: DictConfig, overrides: list[str]) -> list[str]:
 
 def _yaml_layers(path: Path) -> list[DictConfig]:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        names = sorted(
+            str(f.relative_to(SHIPPED_CONFIGS).with_suffix("")) for f in SHIPPED_CONFIGS.rglob("*.yaml")
+        )
+        raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(names)})")
     node = OmegaConf.load(path)  # yaml.safe_load underneath
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
@@ -309,7 +353,31 @@ def _yaml_layers(path: Path) -> list[DictConfig]:
     layers: list[DictConfig] = []
     for base in bases:
         layers += _yaml_layers(path.parent / str(base))
-    return [*layers, node]
+    return [*layers, _one_of(node, str(path))]
+
+
+# Groups of keys of which a config sets one (the budget) or at most one (the warmup).
+ONE_OF = (("max_steps", "train_samples", "train_epochs"), ("optim.warmup_steps", "optim.warmup_samples"))
+_UNSET = object()
+
+
+def _one_of(layer: DictConfig, where: str) -> DictConfig:
+    """Where ``layer`` sets a key of a :data:`ONE_OF` group, unset the group's other keys."""
+    for group in ONE_OF:
+        given = [k for k in group if OmegaConf.select(layer, k, default=_UNSET) is not _UNSET]
+        both = [k for k in given if OmegaConf.select(layer, k) is not None]
+        if len(both) > 1:
+            raise ConfigError(
+                f"config key '{both[1]}': {where} also set '{both[0]}'; set one of {', '.join(group)}"
+            )
+        for key in group if given else ():
+            if key not in given:
+                OmegaConf.update(layer, key, None, force_add=True)
+    return layer
+
+
+def _get(cfg: Config | DictConfig, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _describe(e: OmegaConfBaseException) -> str:
@@ -328,10 +396,25 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         fail("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
-    if cfg.max_steps < 1:
-        fail("max_steps", "must be >= 1")
-    if cfg.optim.warmup_steps > cfg.max_steps:
+    budget_keys, warmup_keys = ONE_OF
+    budget = [k for k in budget_keys if _get(cfg, k) is not None]
+    if len(budget) != 1:
+        fail(budget[1] if budget else "max_steps", f"set exactly one of {', '.join(budget_keys)}")
+    warmup = [k for k in warmup_keys if _get(cfg, k) is not None]
+    if len(warmup) > 1:
+        fail(warmup[1], f"set at most one of {', '.join(warmup_keys)}")
+    for key in ("max_steps", "train_samples", *warmup_keys):
+        low = 0 if key in warmup_keys else 1
+        if _get(cfg, key) is not None and _get(cfg, key) < low:
+            fail(key, f"must be >= {low}")
+    if cfg.train_epochs is not None and not cfg.train_epochs > 0:
+        fail("train_epochs", "must be > 0")
+    if cfg.max_steps is not None and (cfg.optim.warmup_steps or 0) > cfg.max_steps:
         fail("optim.warmup_steps", f"{cfg.optim.warmup_steps} exceeds max_steps={cfg.max_steps}")
+    if cfg.train_samples is not None and (cfg.optim.warmup_samples or 0) > cfg.train_samples:
+        fail("optim.warmup_samples", f"{cfg.optim.warmup_samples} exceeds train_samples={cfg.train_samples}")
+    if cfg.optim.lr_scaling != LrScaling.none and cfg.optim.reference_batch < 1:
+        fail("optim.reference_batch", f"optim.lr_scaling={cfg.optim.lr_scaling.value} needs it (>= 1)")
     if cfg.optim.grad_accum < 1:
         fail("optim.grad_accum", "must be >= 1")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:

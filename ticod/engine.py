@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, Precision
 from ticod.optim import build_optimizer, build_scheduler
+
+UNIVERSAL_DIR = "universal"
 
 
 def _ds():
@@ -65,28 +69,66 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return config
 
 
-def build_engine(model: nn.Module, cfg: Config, world_size: int):
-    """Wrap ``model`` in a DeepSpeed engine with our AdamW groups and warmup+cosine schedule."""
+def build_engine(
+    model: nn.Module, cfg: Config, world_size: int, plan: Plan | None = None, *, load_universal: bool = False
+):
+    """Wrap ``model`` in a DeepSpeed engine with our AdamW groups and the warmup+cosine schedule of ``plan``
+    (:func:`ticod.budget.resolve_plan`; without one, resolved here for a budget that needs no manifest).
+
+    ``load_universal``: the engine will load a checkpoint made by :func:`to_universal` (another world size).
+    """
     deepspeed = _ds()
+    plan = plan or resolve_plan(cfg, world_size)
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         from ticod.optim import param_groups
 
         optimizer = DeepSpeedCPUAdam(
-            param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True
+            param_groups(model, cfg.optim, plan.lr_scale),
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            adamw_mode=True,
         )
     else:
-        optimizer = build_optimizer(model, cfg.optim, fused=torch.cuda.is_available())
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        optimizer = build_optimizer(model, cfg.optim, fused=torch.cuda.is_available(), lr_scale=plan.lr_scale)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan=plan)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size)
+        | ({"checkpoint": {"load_universal": True}} if load_universal else {}),
         dist_init_required=False,
     )
     return engine
+
+
+def to_universal(checkpoint_dir: Path) -> Path:
+    """DeepSpeed's universal form of a ZeRO 1–3 checkpoint, which loads at any world size; made once, by the
+    calling rank, beside the shards (``checkpoint_dir/universal``) and published atomically."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = checkpoint_dir / UNIVERSAL_DIR
+    if not (out / "zero").is_dir():
+        tmp = checkpoint_dir / f".tmp-{UNIVERSAL_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = Namespace(
+            input_folder=str(checkpoint_dir),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # our checkpoints carry no Megatron-style universal info
+        )
+        ds_to_universal.main(args)
+        (checkpoint_dir / "latest_universal").unlink(missing_ok=True)  # written by the converter; unused
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
 
 
 def autocast_context(engine):

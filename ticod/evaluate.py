@@ -4,11 +4,16 @@
 runs alone or under torchrun / srun (every rank evaluates its share of the split). Training calls
 :func:`run_evaluation` every ``eval.every`` steps with the same code.
 
-Each rank runs its own share of the eval stream with no collective inside the loop (shares may be
-uneven); the per-image predictions are then gathered to rank 0, which checks that every image was
-counted exactly once, computes the metrics and writes ``metrics.json``, ``detections.json`` (COCO
-results format: original image ids, original category ids, xywh in original image pixels) and
-``captions.json``. Rank 0 broadcasts the metrics, or its error, so every rank returns or raises alike.
+Each rank runs its own share of the eval stream (shares may be uneven, some even empty); the per-image
+predictions are then gathered to rank 0, which checks that every image was counted exactly once,
+computes the metrics and writes ``metrics.json``, ``detections.json`` (COCO results format: original
+image ids, original category ids, xywh in original image pixels) and ``captions.json``. Rank 0
+broadcasts the metrics, or its error, so every rank returns or raises alike.
+
+With ``synced`` (weights partitioned across ranks, as ZeRO-3 does: every module forward all-gathers its
+weights, a collective) the ranks run the model in lockstep instead: one forward per step on every rank,
+on a dummy image where a rank has no images left, and caption generation goes on until every rank's
+captions are done. Without it there is no collective inside the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,8 @@ log = logging.getLogger("ticod")
 
 # Sample images for wandb show only confident boxes: at score threshold 0 an image has up to 100 boxes.
 SAMPLE_MIN_SCORE = 0.3
+# Side of the all-zero image a rank without images runs the model on while other ranks still have some.
+DUMMY_IMAGE_SIZE = 32
 
 
 class EvalCountError(RuntimeError):
@@ -159,6 +166,36 @@ def _from_rank0(payload: Any, world_size: int) -> Any:
     return box[0]
 
 
+def _lockstep(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any] | None]:
+    """This rank's batches, then None until every rank has run out of batches (one all-reduce per step)."""
+    it = iter(batches)
+    batch: dict[str, Any] | None = None
+    exhausted = False
+    while True:
+        if not exhausted:
+            batch = next(it, None)
+            exhausted = batch is None
+        more = torch.tensor([0.0 if exhausted else 1.0], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch
+
+
+@contextlib.contextmanager
+def _synced_generation(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Captions generated in lockstep with the other ranks (see ``CaptionDecoder.synced_gpus``)."""
+    captioner = getattr(model, "captioner", None)
+    if not enabled or captioner is None:
+        yield
+        return
+    captioner.synced_gpus = True
+    try:
+        yield
+    finally:
+        captioner.synced_gpus = False
+
+
 def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_result: bool) -> Any:
     """Run ``work()`` on rank 0 only; if it fails every rank raises (none is left waiting in a collective).
 
@@ -192,18 +229,29 @@ def _predict(
     tokenizer: Any,
     device: torch.device,
     num_samples: int,
+    synced: bool = False,
 ) -> tuple[list[dict[str, Any]], int, int, list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]]:
-    """This rank's predictions, samples read, bad samples, and the first ``num_samples`` (image, meta, record)."""
+    """This rank's predictions, samples read, bad samples, and the first ``num_samples`` (image, meta, record).
+
+    A batch of 0 images (a stream that owns no sample still hands over its counts) only adds its counts.
+    With ``synced``, every rank runs the model once per step until all ranks are out of batches; a rank
+    without images runs it on a dummy image and drops the result.
+    """
     records: list[dict[str, Any]] = []
     samples: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
     read = bad = 0
+    dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, device=device)
     model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            stats = batch.get("stats", {})
+    with torch.no_grad(), _synced_generation(model, synced):
+        for batch in _lockstep(loader, device) if synced else loader:
+            stats = batch.get("stats", {}) if batch else {}
             read += int(stats.get("read", 0))
             bad += sum(int(n) for n in stats.get("bad", {}).values())
-            meta = batch["meta"]
+            meta = batch["meta"] if batch else []
+            if not meta:
+                if synced:
+                    model(dummy)
+                continue
             outputs = model(
                 batch["images"].to(device, non_blocking=True),
                 image_sizes=batch["image_sizes"],
@@ -287,6 +335,7 @@ def evaluate(
     device: torch.device,
     image_mean: Sequence[float],
     image_std: Sequence[float],
+    synced: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on this rank's share of the finite ``loader``; metrics on every rank.
 
@@ -306,6 +355,8 @@ def evaluate(
         device: Device of the model.
         image_mean: Normalisation mean of the batches (to render sample images).
         image_std: Normalisation std of the batches.
+        synced: Run the model in lockstep on all ranks (needed when its weights are partitioned across
+            ranks, ZeRO-3; slower otherwise, as every rank waits for the slowest at each step).
 
     Raises:
         EvalCountError: (RuntimeError on ranks other than 0) images of ``gt.image_ids`` missing beyond the
@@ -328,19 +379,29 @@ def evaluate(
     scorer = _on_rank0(load_scorer, rank, world_size, share_result=False)
 
     num_samples = cfg.num_sample_images if rank == 0 else 0
-    records, read, bad, samples = _predict(model, loader, tokenizer, device, num_samples)
+    error = None
+    try:
+        records, read, bad, samples = _predict(
+            model, loader, tokenizer, device, num_samples, synced and world_size > 1
+        )
+    except Exception as e:  # the other ranks learn of it through the gather below: none waits for this one
+        log.exception("evaluation failed on rank %d while predicting", rank)
+        records, read, bad, samples, error = [], 0, 0, [], f"{type(e).__name__}: {e}"
     t_loop = time.perf_counter() - t0
-    gathered = _gather((records, read, bad), rank, world_size)
+    gathered = _gather((records, read, bad, error), rank, world_size)
 
     def score() -> dict[str, Any]:
         assert gathered is not None
-        all_records = [r for recs, _, _ in gathered for r in recs]
-        total_bad = sum(b for _, _, b in gathered)
+        failed = [f"rank {r}: {err}" for r, (*_, err) in enumerate(gathered) if err]
+        if failed:
+            raise RuntimeError(f"prediction failed on {'; '.join(failed)}")
+        all_records = [r for recs, *_ in gathered for r in recs]
+        total_bad = sum(b for _, _, b, _ in gathered)
         unique = dedupe(all_records, gt.image_ids, total_bad)
         metrics, detections, captions = compute_metrics(unique, gt, category_ids, cfg, bertscorer=scorer)
         metrics.update(
             bad_samples=total_bad,
-            samples_read=sum(n for _, n, _ in gathered),
+            samples_read=sum(n for _, n, _, _ in gathered),
             world_size=world_size,
             predict_time_s=t_loop,
             total_time_s=time.perf_counter() - t0,
@@ -368,6 +429,8 @@ def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
 def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
     """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
 
+    Rebuilt from shards, it lacks the samples that cannot be read; the eval loader counts those as bad and
+    :func:`dedupe` expects them missing, so the expected images are then all the manifest lists.
     Cached: training evaluates the same split every ``eval.every`` steps.
     """
     instances: dict[str, Any] | None = None
@@ -384,6 +447,11 @@ def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, 
             refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
     assert instances is not None
     ids = sorted(int(im["id"]) for im in instances["images"])
+    if not instances_json:
+        from ticod.data.shards import read_manifest
+
+        keys = [int(k) for s in read_manifest(shards_dir, split)["shards"] for k in s.get("keys", [])]
+        ids = sorted(keys) or ids  # manifests without keys (older ones): the readable images
     return GroundTruth(_coco_from_dict(instances), refs, ids)
 
 
@@ -409,10 +477,11 @@ def run_evaluation(
     world_size: int,
     device: torch.device,
     out_dir: str | Path,
+    synced: bool = False,
 ) -> EvalResult:
     """Evaluate on ``cfg.data.val_split`` of ``cfg.data.shards_dir`` (training's in-loop eval and the CLI).
 
-    Call on every rank. Caller sets eval mode / autocast as it wants; see :func:`evaluate`.
+    Call on every rank. Caller sets eval mode / autocast as it wants; see :func:`evaluate` (``synced``).
     """
     from ticod.data.pipeline import build_eval_loader
 
@@ -443,6 +512,7 @@ def run_evaluation(
         device=device,
         image_mean=cfg.data.mean,
         image_std=cfg.data.std,
+        synced=synced,
     )
 
 

@@ -1,9 +1,9 @@
 """Export a training checkpoint to ``model.safetensors`` + config + tokenizer, and load it back.
 
-``python -m ticod.export --checkpoint RUN_DIR_OR_CHECKPOINT --out DIR``. The export is what
-``ticod.predict`` and ``ticod.evaluate`` load: safetensors weights (no pickle), the resolved
-config, the category list and the tokenizer. They also accept a run dir (its ``export/``, else its
-latest checkpoint) or a checkpoint dir, consolidated on the fly.
+``ticod-export`` / ``python -m ticod.export --checkpoint RUN_DIR_OR_CHECKPOINT --out DIR``. The export is
+what ``ticod.predict`` and ``ticod.evaluate`` load: safetensors weights (no pickle), the resolved config,
+the category list and the tokenizer, with a model card (``README.md``, Hugging Face layout). They also
+accept a run dir (its ``export/``, else its latest checkpoint) or a checkpoint dir, consolidated on the fly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from ticod import checkpoint as ckpt_lib
 from ticod.config import Config, load_config
 from ticod.factory import build_model
+from ticod.model_card import SOURCE, write_model_card
 from ticod.models import TICOD
 
 WEIGHTS = "model.safetensors"
@@ -62,7 +63,7 @@ def _load_consolidated(model: TICOD, ckpt: Path) -> None:
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Consolidate one (ZeRO) checkpoint into a DeepSpeed-free export dir."""
+    """Consolidate one (ZeRO) checkpoint into a DeepSpeed-free export dir with its model card."""
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     run_dir = _run_dir_of(ckpt)
     cfg, categories, tokenizer = _load_run_files(run_dir)
@@ -74,7 +75,16 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         tmp, ckpt_lib.RunFiles((run_dir / "config.yaml").read_text(), categories, tokenizer)
     )
     save_model(model, str(tmp / WEIGHTS))  # drops tied duplicates; load_model restores them
-    (tmp / "source.json").write_text(json.dumps({"checkpoint": str(ckpt.resolve())}))
+    state = json.loads((ckpt / ckpt_lib.STATE_FILE).read_text())
+    source = {
+        "checkpoint": str(ckpt.resolve()),
+        "step": state["train"]["step"],
+        "samples": state["train"]["samples"],
+        "global_batch": state.get("plan", {}).get("global_batch"),
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    (tmp / SOURCE).write_text(json.dumps(source, indent=2))
+    write_model_card(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

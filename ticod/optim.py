@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ticod.budget import Plan
 from ticod.config import OptimConfig
 
 # Parameters whose names contain one of these never get weight decay (positional tables, as
@@ -15,12 +16,13 @@ from ticod.config import OptimConfig
 _NO_DECAY_NAME_PARTS = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "log_var")
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: OptimConfig, lr_scale: float = 1.0) -> list[dict]:
     """Split trainable parameters into backbone/head x decay/no-decay groups.
 
     No weight decay on norms, biases (every parameter with ndim <= 1), embeddings (nn.Embedding
     weights) and positional tables. The backbone (parameters under ``backbone.``) uses
-    ``cfg.backbone_lr``; everything else ``cfg.lr``. Each group carries its name for logging.
+    ``cfg.backbone_lr``; everything else ``cfg.lr``; both times ``lr_scale`` (:func:`ticod.budget.lr_scale`).
+    Each group carries its name for logging.
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, dict] = {}
@@ -34,17 +36,19 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             groups[key] = {
                 "name": key,
                 "params": [],
-                "lr": cfg.backbone_lr if part == "backbone" else cfg.lr,
+                "lr": (cfg.backbone_lr if part == "backbone" else cfg.lr) * lr_scale,
                 "weight_decay": 0.0 if no_decay else cfg.weight_decay,
             }
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, *, fused: bool = False, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """torch AdamW over :func:`param_groups` (``fused`` on CUDA is faster)."""
     return torch.optim.AdamW(
-        param_groups(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
+        param_groups(model, cfg, lr_scale), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
     )
 
 
@@ -60,9 +64,48 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float) -> Callab
     return factor
 
 
+def warmup_cosine_samples(
+    warmup_samples: int,
+    total_samples: int,
+    global_batch: int,
+    min_ratio: float,
+    origin: tuple[int, int] = (0, 0),
+) -> Callable[[int], float]:
+    """LR multiplier of optimizer step ``step`` (0-based) as a function of the samples done at its end.
+
+    ``x = (step + 1) * global_batch``: linear warmup ``x / warmup_samples``, then cosine decay to
+    ``min_ratio`` at ``total_samples``. A step that ends at the same sample count gets the same multiplier
+    at any global batch. ``origin`` = (step, samples done) where the global batch changed on a resume.
+    """
+    origin_step, origin_samples = origin
+
+    def factor(step: int) -> float:
+        done = origin_samples + (step + 1 - origin_step) * global_batch
+        if done < warmup_samples:
+            return done / warmup_samples
+        progress = min(1.0, (done - warmup_samples) / max(1, total_samples - warmup_samples))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int = 0, *, plan: Plan | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
-    )
+    """Warmup + cosine of a resolved ``plan``, or without one ``cfg.warmup_steps`` and ``max_steps`` steps.
+
+    A plan with ``schedule_samples`` schedules by samples (:func:`warmup_cosine_samples`), else by steps.
+    """
+    if plan is None:
+        factor = warmup_cosine(cfg.warmup_steps or 0, max_steps, cfg.min_lr_ratio)
+    elif plan.schedule_samples:
+        factor = warmup_cosine_samples(
+            plan.warmup_samples,
+            plan.schedule_samples,
+            plan.global_batch,
+            cfg.min_lr_ratio,
+            (plan.origin_step, plan.origin_samples),
+        )
+    else:
+        factor = warmup_cosine(plan.warmup_steps, plan.steps, cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

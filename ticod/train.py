@@ -27,12 +27,15 @@ import torch.distributed as dist
 
 from ticod import checkpoint as ckpt_lib
 from ticod import engine as engine_lib
+from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
+from ticod.model_card import write_model_card
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, should_stop
+from ticod.preflight import PreflightError, run_preflight
 from ticod.tracker import Tracker, setup_console_logging
 
 log = logging.getLogger("ticod")
@@ -57,12 +60,21 @@ class TrainState:
     samples_read: int = 0  # samples read by the loaders, all ranks (incl. bad ones)
     bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
     fixed: dict[str, int] = field(default_factory=dict)  # boxes dropped from kept samples, by reason
+    eval_failed: int = 0  # evaluations that failed (logged, counted and survived)
     train_time_s: float = 0.0
+    # [world size, loader workers, batch size, grad accumulation]. A resume onto another layout (a requeue
+    # onto other nodes) cannot continue the old data streams, nor keep the old global batch: it starts
+    # fresh streams at step `origin` and counts `batches` from there.
+    layout: list[int] = field(default_factory=list)
+    origin: int = 0
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with overrides of the schema in ticod/config.py")
+    p.add_argument(
+        "--config",
+        help="YAML file with overrides of the schema in ticod/config.py, or a shipped one: ticod_large",
+    )
     p.add_argument("--resume", help="'auto' (latest complete checkpoint in run_dir) or a checkpoint dir")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_steps=100")
@@ -94,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         log.error("training stopped: %s", e)
         return 3
+    except PreflightError as e:  # raised on every rank alike: one message, from rank 0
+        if info.rank == 0:
+            log.error("preflight failed, nothing was trained:\n%s", e)
+        return 2
+    except ConfigError as e:  # found at start against the data (budget, categories): the same on every rank
+        if info.rank == 0:
+            log.error("error: %s", e)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -112,18 +132,30 @@ class Run:
     tracker: Tracker
     evaluator: Evaluator
     loader: Any
-    resume_from: Path | None
+    rng_from: Path | None  # the checkpoint whose RNG states this run continues (an exact resume)
+    plan: Plan  # the budget resolved for this world size: steps, global batch, peak lr
 
     def save(self) -> Path:
-        ts = {"train": asdict(self.state), "config": to_dict(self.cfg)}
+        ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
         return ckpt_lib.save_checkpoint(
             self.engine, Path(self.cfg.run_dir), self.state.step, ts, self.cfg.checkpoint.keep_last
         )
 
     def evaluate(self) -> dict[str, Any]:
-        metrics = self.evaluator.run(self.engine, self.state.step, self.tracker)
+        """Evaluate on every rank. A failure on any rank is logged, counted (``eval/failed``) and survived:
+        days of training never end on a metric, and the ranks agree so none waits for another."""
+        step = self.state.step
+        try:
+            metrics, failed = self.evaluator.run(self.engine, step, self.tracker), False
+        except Exception:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
+            log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
+            metrics, failed = {}, True
         self.engine.train()
-        return metrics
+        if all_ranks_true(not failed, self.device):
+            return metrics
+        self.state.eval_failed += 1
+        self.tracker.log(step, {"failed": self.state.eval_failed}, prefix="eval/")
+        return {}
 
 
 def train(
@@ -135,18 +167,19 @@ def train(
     if cfg.eval.at_start and state.step == 0:
         run.evaluate()
     batches = iter(run.loader)
-    if run.resume_from is not None:
-        ckpt_lib.restore_rng(run.resume_from)  # after iter(loader), which draws a seed from torch's RNG
-    window, progress = Window(), make_progress(cfg, rank, state.step)
+    if run.rng_from is not None:
+        ckpt_lib.restore_rng(run.rng_from)  # after iter(loader), which draws a seed from torch's RNG
+    steps = run.plan.steps
+    window, progress = Window(), make_progress(cfg, rank, state.step, steps)
     consecutive_nonfinite = 0
     t_step = time.perf_counter()
-    while state.step < cfg.max_steps:
+    while state.step < steps:
         batch = next(batches)
         state.batches += 1
         window.add_stats(batch.get("stats", {}))
         boundary = engine.is_gradient_accumulation_boundary()
         # This micro-batch completes a step that gets logged (the step count rises below).
-        log_now = boundary and is_log_step(cfg, state.step + 1)
+        log_now = boundary and is_log_step(cfg, state.step + 1, steps)
         out = forward_backward(run, to_device(batch, device), log_now)
         if out is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
@@ -168,7 +201,7 @@ def train(
         if log_now:
             log_step(run, window, echo=progress is None)
             window = Window()
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.max_steps:
+        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < steps:
             run.evaluate()
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             run.save()
@@ -189,8 +222,15 @@ def train(
 def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> Run:
     """Model, engine, resumed state, run files, tracker, evaluator and train loader."""
     run_dir = Path(cfg.run_dir)
+    # First, before anything slow: a shared run_dir, Java, the BERTScore model and wandb, on every rank.
+    tracker = run_preflight(cfg, lambda: Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg)))
     tokenizer = build_tokenizer(cfg.data)
-    categories = read_manifest(cfg.data.shards_dir, cfg.data.train_split)["categories"]
+    manifest = read_manifest(cfg.data.shards_dir, cfg.data.train_split)
+    categories = manifest["categories"]
+    layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
+    resume = find_resume(cfg, layout)
+    origin = resume.origin if resume else (0, 0)
+    plan = resolve_plan(cfg, world_size, manifest["total_samples"], origin)
     if len(categories) != cfg.model.num_classes:
         raise ConfigError(
             f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in "
@@ -200,22 +240,27 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer).to(device)
-    engine = engine_lib.build_engine(model, cfg, world_size)
-    seed_everything(cfg.seed + 1000 * rank)
+    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can.
+    universal = bool(resume and resume.relayout and cfg.deepspeed.zero_stage > 0)
+    engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
+    seed_everything(cfg.seed + 1000 * rank + origin[0])
 
-    state = TrainState()
-    resume_from = ckpt_lib.resolve_resume(cfg.checkpoint.resume, run_dir)
-    if resume_from is not None:
-        state = TrainState(**ckpt_lib.load_checkpoint(engine, resume_from)["train"])
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    state = TrainState(layout=layout)
+    if resume is not None:
+        state = load_resume(engine, resume, layout, universal=universal, rank=rank)
     elif cfg.checkpoint.resume == "auto":
         log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
     if rank == 0:
         ckpt_lib.write_run_files(run_dir, ckpt_lib.RunFiles(to_yaml(cfg), categories, tokenizer))
-    tracker = Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg))
     evaluator = Evaluator(cfg, tokenizer, categories, rank=rank, world_size=world_size, device=device)
     loader = build_train_loader(
-        cfg.data, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed, start_batch=state.batches
+        cfg.data,
+        tokenizer,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+        start_batch=state.batches,
+        origin=state.origin,
     )
     log.info(
         "training %s: %d parameters, world size %d on %s, steps %d -> %d",
@@ -224,10 +269,64 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         world_size,
         device,
         state.step,
-        cfg.max_steps,
+        plan.steps,
     )
+    log.info("%s", plan.describe())
     engine.train()
-    return Run(cfg, rank, world_size, device, engine, state, tracker, evaluator, loader, resume_from)
+    rng_from = resume.ckpt if resume and not resume.relayout else None  # a new layout: ranks without RNG
+    return Run(cfg, rank, world_size, device, engine, state, tracker, evaluator, loader, rng_from, plan)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, its trainer state, and whether the data layout changed."""
+
+    ckpt: Path
+    saved: dict[str, Any]  # trainer_state.json
+    relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
+    origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
+
+
+def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
+    """The checkpoint that ``checkpoint.resume`` names (rank 0 decides for all), or None to start fresh."""
+    ckpt = ckpt_lib.resolve_resume_on_rank0(cfg.checkpoint.resume, cfg.run_dir)
+    if ckpt is None:
+        return None
+    saved = ckpt_lib.read_trainer_state(ckpt)
+    plan = Plan(**saved["plan"]) if "plan" in saved else None
+    relayout = saved["train"].get("layout", layout) != layout
+    if relayout:
+        step = saved["train"]["step"]
+        origin = (step, plan.samples_at(step) if plan else saved["train"]["samples"])
+    else:  # the layout of the saved plan goes on, from wherever it began
+        origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
+    return Resume(ckpt, saved, relayout, origin)
+
+
+def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:
+    """Load the engine from ``resume``; the trainer state to continue with (fresh streams on a relayout)."""
+    if universal:
+        if rank == 0:
+            engine_lib.to_universal(resume.ckpt)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks read what rank 0 converted
+    source = resume.ckpt / engine_lib.UNIVERSAL_DIR if universal else resume.ckpt
+    ckpt_lib.load_checkpoint(engine, source, state_dir=resume.ckpt)
+    state = TrainState(**resume.saved["train"])
+    log.info("resumed from %s at step %d", resume.ckpt, state.step)
+    if resume.relayout:
+        log.warning(
+            "resumed onto another layout [world size, loader workers, batch size, accumulation] %s -> %s at "
+            "step %d, "
+            "%d samples: the run continues from there with fresh data streams and RNG, so it is not "
+            "bit-exact with an uninterrupted run",
+            state.layout,
+            layout,
+            *resume.origin,
+        )
+        state.origin, state.batches = resume.origin[0], 0
+    state.layout = layout
+    return state
 
 
 def forward_backward(
@@ -258,8 +357,8 @@ def forward_backward(
     return losses, grad_norm
 
 
-def is_log_step(cfg: Config, step: int) -> bool:
-    return step % cfg.logging.log_every == 0 or step == cfg.max_steps
+def is_log_step(cfg: Config, step: int, last: int) -> bool:
+    return step % cfg.logging.log_every == 0 or step == last
 
 
 def stop_if_nonfinite(run: Run, consecutive: int) -> None:
@@ -308,6 +407,8 @@ def finish(run: Run) -> None:
         export_checkpoint(final, run_dir / "export")
         log.info("exported %s", run_dir / "export")
     metrics = run.evaluate() if run.cfg.eval.at_end else {}
+    if run.rank == 0 and metrics:
+        write_model_card(run_dir / "export")  # again, with the final metrics
     run.tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
     run.tracker.close()
     log.info("done: %d steps, %d samples, %.1f s training", state.step, state.samples, state.train_time_s)
@@ -399,15 +500,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def inject_process_fault(faults: FaultConfig, step: int, rank: int) -> None:
-    if rank != faults.kill_rank:
-        return
-    if faults.kill_at_step == step:
+    hang_rank = faults.kill_rank if faults.hang_rank is None else faults.hang_rank
+    if rank == faults.kill_rank and faults.kill_at_step == step:
         log.warning("fault injection: SIGKILL rank %d after step %d", rank, step)
         os.kill(os.getpid(), signal.SIGKILL)
-    if faults.hang_at_step == step:
+    if rank == hang_rank and faults.hang_at_step == step:
         log.warning("fault injection: rank %d stops responding after step %d", rank, step)
         while True:
             time.sleep(3600)
+    if rank == faults.kill_rank and faults.raise_at_step == step:
+        log.warning("fault injection: rank %d raises after step %d", rank, step)
+        raise RuntimeError(f"fault injection: rank {rank} raises after step {step}")
 
 
 def seed_everything(seed: int) -> None:
@@ -439,13 +542,13 @@ def _float(x: Any) -> float:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def make_progress(cfg: Config, rank: int, start: int):
+def make_progress(cfg: Config, rank: int, start: int, total: int):
     """A tqdm bar on rank 0 when stderr is a terminal; log lines otherwise (batch logs, Slurm)."""
     if rank != 0 or not cfg.logging.progress_bar or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
 class Evaluator:
@@ -471,6 +574,8 @@ class Evaluator:
                 world_size=self.world_size,
                 device=self.device,
                 out_dir=out_dir,
+                # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
+                synced=engine.zero_optimization_stage() == 3,
             )
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         tracker.log(step, metrics, prefix="eval/")

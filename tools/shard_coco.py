@@ -1,115 +1,18 @@
 """Turn a COCO split (JPEG dir + instances JSON + captions JSON) into WebDataset shards + a manifest.
 
-Example (real COCO 2017)::
-
-    python tools/shard_coco.py --images coco/train2017 \\
-        --instances coco/annotations/instances_train2017.json \\
-        --captions coco/annotations/captions_train2017.json \\
-        --out data/shards --split train --workers 8 --train-tokenizer 8000
-
-One sample per image: ``<id>.jpg`` (original bytes, untouched) and ``<id>.json`` (boxes in COCO xywh,
-original category ids, crowd flags, areas, annotation ids and all captions). Output order is by image
-id whatever ``--workers`` is. Images without boxes are kept; crowd boxes are kept and flagged; missing
-or undecodable images are skipped and reported (``--strict`` fails instead); images without captions
-follow ``--missing-captions``. An output dir that already has this split's shards is refused unless
-``--overwrite`` (which deletes them first), so runs never mix.
-
-``--train-tokenizer VOCAB`` also trains a byte-level BPE of that vocabulary size on the written
-samples' captions and saves it to ``OUT/tokenizer`` (use it with ``data.tokenizer=""`` or that path).
-Exit status: 0 on success, 1 on a data error (message on stderr).
+Run from a checkout; the same as ``ticod-shard-coco`` / ``python -m ticod.shard_coco`` (see ``--help``).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from ticod.data.coco import CocoFormatError, load_records  # noqa: E402
-from ticod.data.shards import MISSING_CAPTIONS, VERIFY_MODES, ShardError, sha256_file, write_shards  # noqa: E402
+from ticod.shard_coco import main, parse_args
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, help="directory with the split's JPEG files")
-    p.add_argument("--instances", required=True, help="COCO instances_*.json")
-    p.add_argument("--captions", help="COCO captions_*.json (without it every image has no captions)")
-    p.add_argument("--out", required=True, help="output directory for shards and manifest")
-    p.add_argument("--split", default="train", help="name prefix of the shards (default: train)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument(
-        "--max-shard-bytes", type=int, default=0, help="start a new shard before this size (0: off)"
-    )
-    p.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images by id (0: all)")
-    p.add_argument("--strict", action="store_true", help="fail on a missing or unreadable image")
-    p.add_argument(
-        "--missing-captions",
-        choices=MISSING_CAPTIONS,
-        default="skip",
-        help="images without captions: skip them (default), keep them, or fail",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace this split's existing shards in --out")
-    p.add_argument(
-        "--train-tokenizer", type=int, default=0, metavar="VOCAB", help="train a BPE into OUT/tokenizer"
-    )
-    p.add_argument(
-        "--verify",
-        choices=VERIFY_MODES,
-        default="decode",
-        help="JPEG check: draft-decode every image (default) or only parse its headers and find its end "
-        "marker (~3x faster; what only a decode finds is then skipped and counted by the training loader)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    try:
-        records, categories = load_records(a.instances, a.captions)
-        if a.limit:
-            records = records[: a.limit]
-        sources = {
-            "instances": {"path": str(Path(a.instances).resolve()), "sha256": sha256_file(a.instances)},
-            "images": str(Path(a.images).resolve()),
-        }
-        if a.captions:
-            sources["captions"] = {"path": str(Path(a.captions).resolve()), "sha256": sha256_file(a.captions)}
-        manifest, summary = write_shards(
-            records,
-            categories,
-            a.images,
-            a.out,
-            a.split,
-            samples_per_shard=a.samples_per_shard,
-            max_shard_bytes=a.max_shard_bytes,
-            workers=a.workers,
-            strict=a.strict,
-            missing_captions=a.missing_captions,
-            overwrite=a.overwrite,
-            sources=sources,
-            progress=not a.no_progress,
-            verify=a.verify,
-        )
-    except (CocoFormatError, ShardError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"split '{a.split}' -> {a.out}\n{summary.text()}")
-    if a.train_tokenizer:
-        from ticod.data.tokenizer import train_caption_tokenizer
-
-        written = {int(k) for s in manifest["shards"] for k in s["keys"]}
-        captions = [c for r in records if r["image_id"] in written for c in r["captions"]]
-        tok = train_caption_tokenizer(captions, Path(a.out) / "tokenizer", a.train_tokenizer)
-        print(
-            f"tokenizer: {len(tok)} tokens trained on {len(captions)} captions -> {Path(a.out) / 'tokenizer'}"
-        )
-    return 0
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

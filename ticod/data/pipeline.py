@@ -111,14 +111,19 @@ def _worker() -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- stages
 def read_samples(
-    shards: Iterable[Shard], stats: StreamStats, max_empty_in_a_row: int = 0
+    shards: Iterable[Shard],
+    stats: StreamStats,
+    max_empty_in_a_row: int = 0,
+    keep: Callable[[int], bool] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(global index, raw sample) for every sample of ``shards``; damaged shards are counted, not raised.
 
     webdataset's handlers either re-raise or sleep per error, and a truncated tar silently drops the rest
     of its shard; comparing with the manifest count makes that loss visible. ``max_empty_in_a_row`` > 0
     raises RuntimeError after that many consecutive shards gave no sample (an endless stream over
-    unreadable data would otherwise hang the job instead of failing it).
+    unreadable data would otherwise hang the job instead of failing it). With ``keep``, only the indices
+    it accepts are yielded and counted as bad when lost (eval streams that share shards each own some
+    indices: a lost sample is counted by its owner only); ``stats.read`` still counts every sample.
     """
     empty_in_a_row = 0
 
@@ -132,14 +137,17 @@ def read_samples(
             for sample in iter_shard(shard.path, log_member_error):
                 stats.read += 1
                 n += 1
-                yield shard.offset + n - 1, sample
+                if keep is None or keep(shard.offset + n - 1):
+                    yield shard.offset + n - 1, sample
         except Exception as e:
             failed = True
             log.warning("%s: unreadable or truncated shard after %d samples (%s)", shard.path, n, e)
         if n < shard.samples:
-            lost = shard.samples - n
-            stats.read += lost
-            stats.bad[UNREADABLE_SHARD if failed and n == 0 else TRUNCATED_SHARD] += lost
+            lost = range(shard.offset + n, shard.offset + shard.samples)
+            stats.read += len(lost)
+            owned = len(lost) if keep is None else sum(map(keep, lost))
+            if owned:
+                stats.bad[UNREADABLE_SHARD if failed and n == 0 else TRUNCATED_SHARD] += owned
         empty_in_a_row = 0 if n else empty_in_a_row + 1
         if max_empty_in_a_row and empty_in_a_row >= max_empty_in_a_row:
             raise RuntimeError(
@@ -306,10 +314,14 @@ class _TrainStream(IterableDataset):
         seed: int,
         rank: int,
         start_batch: int,
+        origin: int,
     ) -> None:
         self.shards, self.process, self.batch = shards, process, batch
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.start_batch = start_batch
+        # Stream seeds: (seed, rank) for a run's first layout, as always; a run that resumed onto another
+        # layout (world size, workers, batch size) at optimizer step `origin` draws fresh streams.
+        self.key = f"{seed}:{rank}" if origin == 0 else f"{seed}@{origin}:{rank}"
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         physical, workers = _worker()
@@ -318,7 +330,7 @@ class _TrainStream(IterableDataset):
         # worker 0 plays the part of worker start_batch % workers of the uninterrupted run, and so on.
         worker = (physical + self.start_batch) % workers
         # String seeds hash with SHA-512: stable across processes and PYTHONHASHSEED.
-        rng = random.Random(f"ticod-train:{self.seed}:{self.rank}:{worker}")
+        rng = random.Random(f"ticod-train:{self.key}:{worker}")
         stats = StreamStats()
         weights = [s.samples for s in self.shards]
         shard_stream = (rng.choices(self.shards, weights)[0] for _ in itertools.repeat(None))  # endless
@@ -333,7 +345,7 @@ class _TrainStream(IterableDataset):
         stats.pop()
         for index, group in enumerate(groups, start=skip):
             # Transforms draw from a per-group RNG: the skipped groups above never drew from it.
-            group_rng = random.Random(f"ticod-augment:{self.seed}:{self.rank}:{worker}:{index}")
+            group_rng = random.Random(f"ticod-augment:{self.key}:{worker}:{index}")
             good = process_all(group, self.process, group_rng, stats)
             if good:  # an all-bad group (practically never) makes no batch; its stats go with the next
                 yield self.batch(good, stats.pop())
@@ -347,6 +359,7 @@ def build_train_loader(
     world_size: int,
     seed: int,
     start_batch: int = 0,
+    origin: int = 0,
     split: str | None = None,
 ) -> DataLoader:
     """Endless training batches of ``cfg.batch_size`` for ``rank`` (see the module doc for the batch format).
@@ -364,7 +377,10 @@ def build_train_loader(
         rank: This process's rank.
         world_size: Number of ranks (the streams of different ranks differ through ``rank`` in the seed).
         seed: Run seed.
-        start_batch: Batches to skip (resume).
+        start_batch: Batches to skip (resume), counted from ``origin``.
+        origin: The optimizer step at which this data layout began: 0 for a run's first layout; the step
+            of the checkpoint when a run resumed with another world size, worker count or batch size
+            (the old streams cannot be continued then; fresh ones are drawn, keyed by this step).
         split: Shard split; ``cfg.train_split`` when None.
     """
     del world_size  # resampling needs no partition: each rank draws its own shard sequence
@@ -379,6 +395,7 @@ def build_train_loader(
         seed=seed,
         rank=rank,
         start_batch=start_batch,
+        origin=origin,
     )
     return _data_loader(stream, cfg.num_workers)
 
@@ -467,10 +484,9 @@ class _EvalStream(IterableDataset):
         shards = [s for s in self.shards if s.offset < limit]
         stats = StreamStats()
         if len(shards) >= streams:  # enough shards: split them (rank-major, then worker)
-            samples = read_samples(shards[me::streams], stats)
+            samples = read_samples(shards[me::streams], stats, keep=lambda i: i < limit)
         else:  # too few: everyone reads all, keeps every streams-th sample (same order everywhere)
-            samples = (x for x in read_samples(shards, stats) if x[0] % streams == me)
-        samples = (x for x in samples if x[0] < limit)
+            samples = read_samples(shards, stats, keep=lambda i: i < limit and i % streams == me)
         rng = random.Random(0)  # eval transforms are deterministic; this only satisfies the interface
         good: list[dict[str, Any]] = []
         for group in wds.filters.batched(self.batch_size, collation_fn=None)(samples):

@@ -124,6 +124,9 @@ class CaptionDecoder(nn.Module):
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.num_beams = cfg.num_beams
         self.max_new_tokens = cfg.max_new_tokens
+        # Set by the caller while ranks run the decoder in lockstep (ZeRO-3 gathers its weights at every
+        # forward): generation then goes on stepping until every rank's captions are done (HF synced_gpus).
+        self.synced_gpus = False
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -197,6 +200,7 @@ class CaptionDecoder(nn.Module):
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=False,
             use_cache=use_cache,
+            synced_gpus=self.synced_gpus,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,

@@ -208,6 +208,7 @@ class Result:
     after: str  # the line sabotaged ("" when deleted)
     result: str = "not run"  # caught | partly caught | survived | error
     failed: list[str] = field(default_factory=list)  # node ids of the tests that failed (or errored)
+    summary: list[str] = field(default_factory=list)  # their lines in pytest's short summary (the reason)
     seconds: float = 0.0
 
 
@@ -323,10 +324,13 @@ def run_pytest(tree: Path, tests: list[str], *, timeout: float) -> tuple[int, st
     return status, out
 
 
-def failures(output: str) -> list[str]:
-    """Node ids of the failed and errored tests in pytest's short summary (``-ra`` in pyproject.toml)."""
-    lines = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return [line.split(" ", 1)[1].split(" - ")[0] for line in lines]
+def summary_lines(output: str) -> list[str]:
+    """The FAILED and ERROR lines of pytest's short summary (``-ra`` in pyproject.toml)."""
+    return [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+
+
+def node_id(summary_line: str) -> str:
+    return summary_line.split(" ", 1)[1].split(" - ")[0]
 
 
 def verdict(status: int, tests: list[str], failed: list[str]) -> str:
@@ -414,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             status, out = run_pytest(tree, r.tests, timeout=args.timeout)
             r.seconds = round(time.monotonic() - t0, 1)
-            r.failed = failures(out)
+            r.summary = summary_lines(out)
+            r.failed = [node_id(line) for line in r.summary]
             r.result = verdict(status, r.tests, r.failed)
             if r.result == "error":
                 print(out[-3000:], file=sys.stderr)

@@ -152,9 +152,8 @@ def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def load_checkpoint(engine, ckpt: Path, state_dir: Path | None = None) -> dict:
-    """Restore the engine (weights, optimizer, LR schedule) from ``ckpt``; return the trainer state of
-    ``state_dir`` (default ``ckpt``; the original checkpoint when ``ckpt`` is its universal form).
+def load_engine_state(engine, ckpt: Path) -> None:
+    """Restore the engine (weights, optimizer, LR schedule) from ``ckpt`` (a checkpoint or its universal form).
 
     The RNG is restored separately (:func:`restore_rng`), right before the first step: building the data
     loader iterator draws from torch's global RNG, which the uninterrupted run did before step 1.
@@ -164,7 +163,12 @@ def load_checkpoint(engine, ckpt: Path, state_dir: Path | None = None) -> dict:
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    return read_trainer_state(state_dir or ckpt)
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    """:func:`load_engine_state`, then the checkpoint's trainer state."""
+    load_engine_state(engine, ckpt)
+    return read_trainer_state(ckpt)
 
 
 def restore_rng(ckpt: Path) -> None:

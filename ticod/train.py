@@ -311,7 +311,7 @@ def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bo
         if dist.is_initialized():
             dist.barrier()  # the other ranks read what rank 0 converted
     source = resume.ckpt / engine_lib.UNIVERSAL_DIR if universal else resume.ckpt
-    ckpt_lib.load_checkpoint(engine, source, state_dir=resume.ckpt)
+    ckpt_lib.load_engine_state(engine, source)  # the trainer state was read by find_resume
     state = TrainState(**resume.saved["train"])
     log.info("resumed from %s at step %d", resume.ckpt, state.step)
     if resume.relayout:

@@ -13,6 +13,9 @@ ARGS=(--config "${TICOD_CONFIG:?set TICOD_CONFIG}" run_dir="$RUN_DIR" checkpoint
 if [[ -n "${TICOD_DATA:-}" ]]; then ARGS+=(data.shards_dir="$TICOD_DATA"); fi
 ARGS+=("${OVERRIDES[@]}" "$@")
 
+# Every task takes its rank and world from Slurm's variables (ticod/distributed.py). torchrun's, exported
+# into the job by sbatch from the submitting shell, would win over them and are stale here: drop them.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05.
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SRUN_CPUS_PER_TASK}"

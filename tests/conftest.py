@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from slurm_cluster import LAUNCHER_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN, DEMO_VAL, DEMO_SEED = 24, 8, 0
@@ -26,6 +28,16 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _launcher_vars_do_not_leak():
+    """A test must not leave RANK/WORLD_SIZE/... in os.environ: every later subprocess inherits them (a
+    Slurm job then takes them for a torchrun launch). Module fixtures may hold them for their module."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    assert after == before, f"the test changed launcher variables in os.environ: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")

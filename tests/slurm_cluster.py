@@ -44,6 +44,10 @@ FINISHED = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 )
 
+# torchrun's variables: a job must not inherit them from the test process (a test that ran DeepSpeed
+# in-process sets them); a submit() that wants them, to check they are ignored, passes them in env.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 class SlurmUnavailable(RuntimeError):
     """Slurm cannot be brought up on this machine; the message says why (the tests asked for fail with it)."""
@@ -148,7 +152,8 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         """The environment for client commands and jobs (jobs inherit it through sbatch)."""
         path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN])
-        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": path}
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        return {**env, "SLURM_CONF": str(self.conf), "PATH": path}
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 60) -> SlurmCluster:

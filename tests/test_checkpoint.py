@@ -69,23 +69,27 @@ class Toy(nn.Module):
 def single_rank_pg():
     """A one-rank gloo group for DeepSpeed engines in this process.
 
-    DeepSpeed caches its process groups, so the group is created once and kept for the session.
+    DeepSpeed caches its process groups, so the group is created once and kept for the session. The
+    launcher variables it needs are removed again after this module: left in ``os.environ`` they reach
+    every later subprocess (an ``sbatch`` job would take them for a torchrun launch).
     """
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-        }.items():
-            os.environ.setdefault(k, v)
-        from ticod.engine import init_distributed
+    with pytest.MonkeyPatch.context() as mp:
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            for k, v in {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+            }.items():
+                mp.setenv(k, os.environ.get(k, v))
+            from ticod.engine import init_distributed
 
-        init_distributed("gloo", 60)
+            init_distributed("gloo", 60)
+        yield
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -229,10 +229,13 @@ def test_single_process_exports_a_usable_rendezvous() -> None:
 
 
 def test_default_env_is_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in [*os.environ, *TORCH_KEYS]:
-        if k.startswith("SLURM_") or k in TORCH_KEYS:
-            # raising=False records absent keys too, so the RANK/... written below are removed afterwards.
-            monkeypatch.delenv(k, raising=False)
+    for k in TORCH_KEYS:
+        # delenv alone does not record a key that is absent; setenv first, so the RANK/... that
+        # world_info_from_env writes below are removed afterwards.
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
     for k, v in slurm_task_env().items():
         monkeypatch.setenv(k, v)
     assert D.world_info_from_env().rank == 3

@@ -186,7 +186,10 @@ def test_srun_tasks_find_each_other(cluster: SlurmCluster, tmp_path: Path, layou
 def test_usr1_reaches_every_task_and_ranks_agree(cluster: SlurmCluster, tmp_path: Path) -> None:
     job_id = cluster.submit(probe_job(tmp_path, steps=10_000), sbatch_args=ONE_NODE)
     progress = tmp_path / "rank.progress"
-    wait_for(lambda: progress.exists() and len(progress.read_text().split()) >= 3, 120, cluster, job_id)
+    probe_log = tmp_path / f"probe-{job_id}.out"
+    wait_for(
+        lambda: progress.exists() and len(progress.read_text().split()) >= 3, 120, cluster, job_id, probe_log
+    )
     cluster.signal(job_id, "USR1")
     job = cluster.wait(job_id, timeout_s=60)
     log = (tmp_path / f"probe-{job_id}.out").read_text()
@@ -197,12 +200,14 @@ def test_usr1_reaches_every_task_and_ranks_agree(cluster: SlurmCluster, tmp_path
     assert records[0]["steps"] == records[1]["steps"] >= 3
 
 
-def wait_for(ready, timeout_s: float, cluster: SlurmCluster, job_id: int) -> None:
+def wait_for(ready, timeout_s: float, cluster: SlurmCluster, job_id: int, log: Path | None = None) -> None:
+    """Poll ``ready()`` while the job runs; a job that ends first fails the test with the tail of ``log``."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         job = cluster.job(job_id)
         if job.state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-            raise AssertionError(f"job {job_id} ended early: {job.state} exit {job.exit_code}")
+            tail = "\n".join(log.read_text().splitlines()[-60:]) if log and log.exists() else "(no log)"
+            raise AssertionError(f"job {job_id} ended early: {job.state} exit {job.exit_code}\n{tail}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id}: condition not met after {timeout_s} s ({job.state})")
         time.sleep(1)
@@ -244,6 +249,16 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shards
 
 
+STALE_LAUNCHER_ENV = {
+    "RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_RANK": "0",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
+
+
 def submit_training(
     cluster: SlurmCluster,
     script: Path,
@@ -264,6 +279,9 @@ def submit_training(
         "TICOD_RUN_DIR": str(run_dir),
         "TICOD_OVERRIDES": " ".join([*TRAIN_OVERRIDES, f"max_steps={max_steps}", *extra]),
         "TICOD_DEVICE": "cpu",
+        # What a shell that ran torchrun before may still hold; sbatch exports it into the job, where
+        # slurm/train_job.sh must drop it (else every task takes RANK=0 of WORLD_SIZE=1).
+        **STALE_LAUNCHER_ENV,
     }
     sbatch = [*layout, f"--output={log}", f"--error={log}", "--time=30"]
     return cluster.submit(script, sbatch_args=sbatch, env=env, cwd=tmp), run_dir, log
@@ -330,7 +348,7 @@ def test_usr1_checkpoints_requeues_and_resumes(
         max_steps,
         "checkpoint.save_every=0",
     )
-    wait_for(lambda: len(logged_steps(run_dir)) >= 3, 900, cluster, job_id)
+    wait_for(lambda: len(logged_steps(run_dir)) >= 3, 900, cluster, job_id, log)
     cluster.signal(job_id, "USR1")
     # The script requeues on the trainer's status; Slurm holds a requeued job back for a while
     # (EligibleTime ~2 min later); start it sooner. Not within the second of the requeue: slurmd rejects a
@@ -376,7 +394,11 @@ def test_a_failed_rank_ends_the_job_and_the_checkpoint_resumes(
         )
         if fault is not None:
             wait_for(
-                lambda log=log: log.exists() and "fault injection" in log.read_text(), 900, cluster, job_id
+                lambda log=log: log.exists() and "fault injection" in log.read_text(),
+                900,
+                cluster,
+                job_id,
+                log,
             )
         try:
             job = cluster.wait(job_id, timeout_s=900 if fault is None else GONE_WITHIN_S + 30)

@@ -118,7 +118,9 @@ def test_config_error_exits_with_message(tmp_path):
 
 
 ZERO_STEPS = 3
-ZERO_RUNS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")]  # (stage, precision)
+# (stage, precision). Stage 1 is left out: DeepSpeed runs stages 1 and 2 through one optimizer class
+# (stage_1_and_2.py) and TICOD has no stage-1 branch; a 2-rank run costs ~40 s of the suite.
+ZERO_RUNS = [(0, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")]
 # How far a ZeRO stage may end from stage 0 (fp32) after ZERO_STEPS steps: the largest |weight difference|
 # and the relative difference of the updates, |w - w0| / |w0 - w_init| (L2 over all weights; 1.0 for a
 # stage that never updates). Measured on this model (2 CPU ranks, AdamW, lr 1e-3 / backbone 2e-4, largest
@@ -126,7 +128,6 @@ ZERO_RUNS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "bf16"), (3, "fp32")]  #
 # 4.8e-3 and 0.19 (no bound on the largest: bf16 flips the sign of tiny gradients, which AdamW turns
 # into full steps).
 ZERO_TOLERANCE = {
-    (1, "fp32"): (5e-5, 1e-4),
     (2, "fp32"): (5e-5, 1e-4),
     (3, "fp32"): (5e-5, 1e-4),
     (2, "bf16"): (math.inf, 0.4),

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from slurm_cluster import ensure_slurm, slurm_requested
+from slurm_cluster import LAUNCHER_VARS, ensure_slurm, slurm_requested
 
 from ticod import distributed as D
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, should_stop
 
-TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCH_KEYS = LAUNCHER_VARS  # the torchrun variables world_info_from_env reads and writes
 
 
 def slurm_task_env(**extra: str) -> dict[str, str]:

@@ -563,9 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         precision = cfg.deepspeed.precision
         # The precision the model trained in (its in-loop evals ran under the same autocast).
         autocast = torch.autocast(
-            device.type,
-            dtype=torch.bfloat16 if precision == Precision.bf16 else torch.float16,
-            enabled=device.type == "cuda" and precision != Precision.fp32,
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == Precision.bf16
         )
         with autocast:
             result = run_evaluation(

@@ -15,6 +15,8 @@ the backward is a weighted scatter of whole rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign as _TorchvisionMultiScaleRoIAlign
@@ -35,8 +37,12 @@ class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
             )
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes) if len(features) > 1 else rois.new_zeros(len(rois), dtype=torch.long)
-        pool = multi_level_roi_align if features[0].device.type == "cpu" else roi_align_per_level
+        pool = self.kernel(features[0].device)
         return pool(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
+
+    def kernel(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        """The pooling function for ``device``: the ``embedding_bag`` path on CPU, torchvision's kernel else."""
+        return multi_level_roi_align if device.type == "cpu" else roi_align_per_level
 
 
 def roi_align_per_level(

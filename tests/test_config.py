@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ticod.config import Balance, ConfigError, Precision, Task, load_config, to_dict
+from ticod.config import Balance, BoxLoss, ConfigError, Precision, RoINorm, Task, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -103,3 +103,32 @@ def test_cascade_stage_defaults(name):
     assert roi.iou_thresholds == [0.5, 0.6, 0.7]
     assert roi.stage_loss_weights == [1.0, 0.5, 0.25]
     assert roi.bbox_stds == [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
+
+
+@pytest.mark.parametrize("name", ["ticod_small.yaml", "ticod_large.yaml"])
+def test_swin_configs_take_the_reference_box_head(name):
+    """The Swin Cascade R-CNN reference: 4conv1fc + SyncBN, class-specific boxes, GIoU x 10, adaptive aligned
+    RoIAlign (aligned is fixed; sampling_ratio 0 is adaptive)."""
+    roi = load_config(CONFIGS / name).model.roi
+    assert (roi.head, roi.norm, roi.class_agnostic_bbox) == ("4conv1fc", RoINorm.syncbn, False)
+    assert (roi.box_loss, roi.box_loss_weight, roi.sampling_ratio) == (BoxLoss.giou, 10.0, 0)
+
+
+def test_demo_keeps_the_small_box_head():
+    roi = load_config(CONFIGS / "demo.yaml").model.roi
+    assert (roi.head, roi.class_agnostic_bbox, roi.box_loss) == ("shared2fc", True, BoxLoss.smooth_l1)
+    assert roi.box_loss_weight == 1.0 and roi.smooth_l1_beta == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.roi.head=5conv", r"model\.roi\.head"),
+        ("model.roi.norm=bn", r"model\.roi\.norm"),
+        ("model.roi.box_loss=l2", r"model\.roi\.box_loss"),
+        ("model.roi.box_loss_weight=-1", r"model\.roi\.box_loss_weight"),
+    ],
+)
+def test_bad_box_head_options_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[override])

@@ -18,7 +18,7 @@ from ticod.data.transforms import (
     keep_nondegenerate,
     resize,
     resize_size,
-    to_normalized_tensor,
+    to_uint8_tensor,
     xywh_to_xyxy,
 )
 
@@ -72,10 +72,10 @@ def test_decode_grayscale_cmyk_and_exif_orientation() -> None:
         decode_rgb(data, (5, 5))
 
 
-def test_normalisation() -> None:
-    x = to_normalized_tensor(Image.new("RGB", (3, 2), (255, 0, 51)), [0.5, 0.0, 0.1], [0.5, 1.0, 0.1])
-    assert x.shape == (3, 2, 3) and x.dtype == torch.float32
-    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, 0.0, 1.0]))
+def test_uint8_tensor() -> None:
+    x = to_uint8_tensor(Image.new("RGB", (3, 2), (255, 0, 51)))
+    assert x.shape == (3, 2, 3) and x.dtype == torch.uint8
+    assert x[:, 1, 2].tolist() == [255, 0, 51]
 
 
 def test_category_map_non_contiguous_ids() -> None:

@@ -91,3 +91,32 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients():
     assert len(stages) == 4 and all(m.grad_checkpointing for m in stages)
     for a, b in zip(maps_off + grads_off, maps_on + grads_on, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_outputs_are_layer_normed():
+    """Swin-det's norm0..norm3: every map is a LayerNorm over channels of its stage output."""
+    torch.manual_seed(0)
+    backbone = SwinBackbone(tiny_cfg())
+    maps = backbone(torch.randn(2, 3, 64, 96) * 3)
+    for i, m in enumerate(maps.values()):
+        norm = getattr(backbone, f"norm{i}")
+        assert isinstance(norm, torch.nn.LayerNorm) and norm.normalized_shape == (m.shape[1],)
+        # Default init (weight 1, bias 0): zero mean and unit variance over the channels of each pixel.
+        torch.testing.assert_close(m.mean(1), torch.zeros_like(m[:, 0]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.var(1, unbiased=False), torch.ones_like(m[:, 0]), rtol=0, atol=1e-3)
+
+
+def test_imagenet_weights_load_into_the_body_and_the_stage_norms_are_the_only_new_keys():
+    torch.manual_seed(1)
+    source = timm.create_model("swin_tiny_patch4_window7_224", **TINY)  # random init, ImageNet layout
+    # timm's features_only mapping: the classifier and its final norm dropped, layers.i -> layers_i.
+    state = {
+        k.replace("layers.", "layers_", 1): v
+        for k, v in source.state_dict().items()
+        if not k.startswith(("head.", "norm."))
+    }
+    backbone = SwinBackbone(tiny_cfg())
+    backbone.body.load_state_dict(state, strict=True)
+    missing, unexpected = backbone.load_state_dict({f"body.{k}": v for k, v in state.items()}, strict=False)
+    assert unexpected == []
+    assert sorted(missing) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import box_iou
 
-from ticod.config import RoIConfig
+from ticod.config import LossConfig, RoIConfig, Task
 from ticod.models.cascade import CascadeRoIHeads
+from ticod.models.losses import LossCombiner
 
 LEVELS = ["0", "1", "2", "3"]
 CHANNELS = 8
@@ -81,7 +83,7 @@ def one_stage_pair() -> tuple[CascadeRoIHeads, RoIHeads]:
     predictor.cls_score.load_state_dict(stage.cls_score.state_dict())
     predictor.bbox_pred.load_state_dict(stage.bbox_pred.state_dict())
     theirs = RoIHeads(
-        MultiScaleRoIAlign(LEVELS, 7, 2),
+        ours.box_roi_pool,  # torchvision's MultiScaleRoIAlign has no aligned=True (tests/test_roi_align.py)
         head,
         predictor,
         fg_iou_thresh=0.5,
@@ -243,3 +245,85 @@ def test_each_stage_labels_rois_at_its_own_iou_threshold():
     for i, (samples, labels) in enumerate(zip(seen, expected, strict=True)):
         torch.testing.assert_close(samples.proposals[0], torch.cat([rois, gt]), msg=f"stage {i}")
         assert samples.labels[0].tolist() == [*labels, 2], f"stage {i}"  # the appended GT: always foreground
+
+
+@pytest.mark.parametrize("norm", ["syncbn", "gn", "none"])
+def test_4conv1fc_head_is_four_normed_convs_and_one_fc(norm):
+    """mmdetection's Shared4Conv1FCBBoxHead: 4 x (3x3 conv, norm, ReLU) at the FPN width, then FC + ReLU."""
+    head = three_stage_head(head="4conv1fc", norm=norm).train()
+    norm_type = {"syncbn": torch.nn.SyncBatchNorm, "gn": torch.nn.GroupNorm, "none": type(None)}[norm]
+    for stage in head.stages:
+        convs = [m for m in stage.box_head.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+            (CHANNELS, CHANNELS, (3, 3), (1, 1))
+        ] * 4
+        assert all((c.bias is None) == (norm != "none") for c in convs)  # no bias before a norm
+        blocks = list(stage.box_head)[:4]
+        assert all(len(b) == (3 if norm != "none" else 2) for b in blocks)
+        assert all(isinstance(b[1] if norm != "none" else None, norm_type) for b in blocks)
+        assert all(isinstance(b[-1], torch.nn.ReLU) for b in blocks)
+        fcs = [m for m in stage.box_head.modules() if isinstance(m, torch.nn.Linear)]
+        assert [(f.in_features, f.out_features) for f in fcs] == [(CHANNELS * 49, 32)]
+    _, losses = head(features(), proposals(), [(IMAGE, IMAGE)] * 2, targets())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_syncbn_head_trains_on_cpu_under_a_process_group(tmp_path):
+    """torch's SyncBatchNorm raises for CPU tensors once a process group exists (gloo); ours normalises per
+    process there, with the same parameters and buffers."""
+    head = three_stage_head(head="4conv1fc", norm="syncbn").train()
+    bn = [m for m in head.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(bn) == 12 and all(m.running_mean.abs().sum() == 0 for m in bn)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        _, losses = head(features(), proposals(), [(IMAGE, IMAGE)] * 2, targets())
+    finally:
+        dist.destroy_process_group()
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    assert all(m.running_mean.abs().sum() > 0 for m in bn)  # BatchNorm statistics were taken
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of paired xyxy boxes, from its definition."""
+    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(1)
+    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
+    return inter / union - (hull - union) / hull
+
+
+@pytest.mark.parametrize("box_loss", ["giou", "smooth_l1"])
+def test_box_loss_on_the_gt_class_deltas(box_loss):
+    """Class-specific regression reads the deltas of each positive's GT class; GIoU on the decoded boxes,
+    smooth-L1 (with the configured beta) on the encoded targets; both summed over the positives / RoIs."""
+    stage = three_stage_head(class_agnostic_bbox=False, box_loss=box_loss, smooth_l1_beta=0.05).stages[0]
+    props = torch.tensor([[10.0, 10.0, 30.0, 40.0], [5.0, 5.0, 25.0, 15.0], [0.0, 0.0, 8.0, 8.0]])
+    gt = torch.tensor([[12.0, 8.0, 34.0, 40.0], [4.0, 6.0, 26.0, 18.0], [0.0, 0.0, 8.0, 8.0]])
+    labels = torch.tensor([3, 1, 0])  # the last RoI is background: no box loss
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, NUM_CLASSES + 1, 4, generator=g) * 0.3
+    chosen = deltas[[0, 1], [3, 1]]  # (dx, dy, dw, dh) of the GT classes, before the weights (10, 10, 5, 5)
+    _, loss = stage.losses(torch.zeros(3, NUM_CLASSES + 1), deltas.reshape(3, -1), labels, props, gt)
+
+    p, t = props[:2], gt[:2]
+    wh, ctr = p[:, 2:] - p[:, :2], (p[:, 2:] + p[:, :2]) / 2
+    weights = torch.tensor([10.0, 10.0, 5.0, 5.0])
+    if box_loss == "giou":
+        d = chosen / weights
+        c, size = ctr + d[:, :2] * wh, wh * d[:, 2:].exp()
+        expected = (1 - _giou(torch.cat([c - size / 2, c + size / 2], 1), t)).sum() / 3
+    else:
+        t_wh, t_ctr = t[:, 2:] - t[:, :2], (t[:, 2:] + t[:, :2]) / 2
+        target = torch.cat([(t_ctr - ctr) / wh, (t_wh / wh).log()], 1) * weights
+        diff = (chosen - target).abs()
+        expected = torch.where(diff < 0.05, 0.5 * diff**2 / 0.05, diff - 0.025).sum() / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_box_loss_weight_multiplies_every_stage_box_loss():
+    losses = {"rpn_objectness": torch.tensor(0.5), "rpn_box": torch.tensor(0.25)}
+    losses |= {f"stage{i}_cls": torch.tensor(1.0 + i) for i in range(3)}
+    losses |= {f"stage{i}_box": torch.tensor(0.1 * (i + 1)) for i in range(3)}
+    combiner = LossCombiner(LossConfig(task=Task.detection), [1.0, 0.5, 0.25], box_loss_weight=10.0)
+    expected = 0.75 + sum(w * (1.0 + i + 10.0 * 0.1 * (i + 1)) for i, w in enumerate([1.0, 0.5, 0.25]))
+    torch.testing.assert_close(combiner(losses)["loss"], torch.tensor(expected))

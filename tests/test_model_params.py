@@ -40,15 +40,18 @@ def test_counts_match_timm_transformers_and_torchvision_parts(config, swin, chan
         gpt2_cross = GPT2LMHeadModel(GPT2Config(add_cross_attention=True))
         fpn = FeaturePyramidNetwork(channels, 256)
         rpn = RPNHead(256, 3)
-    assert counts["backbone"] == numel(timm_swin)
-    assert round(counts["backbone"] / 1e6, 1) == backbone_m  # timm's Swin minus its classifier and final norm
+    # timm's Swin minus its classifier and final norm, plus a LayerNorm per stage output (Swin-det's norm0-3).
+    assert counts["backbone"] == numel(timm_swin) + 2 * sum(channels)
+    assert round(counts["backbone"] / 1e6, 1) == backbone_m
     assert counts["gpt2"] == numel(gpt2) == 124_439_808
     # Per layer: K/V and Q projections, output projection, LayerNorm: 768*1536+1536 + 2*(768*768+768) + 2*768.
     assert counts["cross_attention"] == numel(gpt2_cross) - numel(gpt2) == 12 * 2_363_904
     assert counts["fpn"] == numel(fpn)
     assert counts["rpn"] == numel(rpn)
-    # Per stage: fc6 (256*7*7 -> 1024), fc7, 81-way classifier, class-agnostic 4-d regressor.
-    stage = (256 * 49 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 81 + 81) + (1024 * 4 + 4)
+    # Per stage (the reference's 4conv1fc head): 4 x (3x3 conv 256 -> 256 without bias, BatchNorm), fc
+    # (256*7*7 -> 1024), 81-way classifier, class-specific regressor (81 x 4).
+    convs = 4 * (256 * 256 * 9 + 2 * 256)
+    stage = convs + (256 * 49 * 1024 + 1024) + (1024 * 81 + 81) + (1024 * 81 * 4 + 81 * 4)
     assert counts["roi_stage0"] == counts["roi_stage1"] == counts["roi_stage2"] == stage
     # Visual memory: Linear(C5 -> 768) + LayerNorm(768) + one level embedding.
     assert counts["visual_memory"] == channels[-1] * 768 + 768 + 2 * 768 + 768
@@ -63,4 +66,4 @@ def test_command_prints_a_table_for_both_configs(capsys):
         "backbone", "fpn", "rpn", "roi_stage0", "roi_stage1", "roi_stage2",
         "gpt2", "cross_attention", "visual_memory", "total",
     ]  # fmt: skip
-    assert "(226,189,704)" in rows[-1] and "(285,732,550)" in rows[-1]
+    assert "(231,111,816)" in rows[-1] and "(290,655,622)" in rows[-1]

@@ -9,6 +9,9 @@ import torch
 from PIL import Image, ImageChops
 from test_evaluate import CATEGORY_IDS, CATEGORY_NAMES, build_model, tiny_config, word_tokenizer
 
+from ticod.data.pipeline import build_eval_loader
+from ticod.data.shards import write_shards
+from ticod.evaluate import _predict
 from ticod.predict import find_images, output_names, predict, preprocess, render
 
 SMALL = ["data.test_min_size=64", "data.max_size=96", "data.train_min_sizes=[64]"]
@@ -47,10 +50,9 @@ def test_preprocess_resizes_like_eval_and_pads():
     batch, sizes = preprocess([wide, tall], cfg)
     # wide: shorter side 100 -> 64 would make the longer 128 > 96, so the longer side sets the scale.
     assert sizes == [(48, 96), (85, 64)]
-    assert batch.shape == (2, 3, 85, 96)
-    assert batch[0, :, 48:].abs().sum() == 0 and batch[1, :, :, 64:].abs().sum() == 0  # zero padding
-    # (124, 116, 104) is ~the ImageNet mean: normalised to ~0
-    assert batch[0, :, :48, :96].abs().max() < 0.02
+    assert batch.shape == (2, 3, 85, 96) and batch.dtype == torch.uint8  # the model normalises
+    assert batch[0, :, 48:].sum() == 0 and batch[1, :, :, 64:].sum() == 0  # zero padding
+    assert batch[0, :, :48, :96].flatten(1).unique(dim=1).tolist() == [[124], [116], [104]]
 
 
 def test_predict_writes_consistent_json_and_png(images, tmp_path):
@@ -119,3 +121,41 @@ def test_predict_writes_consistent_json_and_png(images, tmp_path):
     )
     assert kept[0]["detections"] == [d for d in single[0]["detections"] if d["score"] >= threshold]
     assert 0 < len(kept[0]["detections"]) < len(single[0]["detections"])
+
+
+def test_predict_on_exif_rotated_jpeg_matches_eval_from_a_shard(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6: predict on the file gives the boxes and caption
+    that evaluation gives on the same JPEG from a shard (same decode, rotation, resize and normalisation)."""
+    g = torch.Generator().manual_seed(1)
+    stored = Image.fromarray(torch.randint(0, 256, (60, 90, 3), generator=g, dtype=torch.uint8).numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    images = tmp_path / "images"
+    images.mkdir()
+    path = images / "photo.jpg"
+    stored.save(path, exif=exif)
+    record = {
+        "image_id": 7, "file_name": "photo.jpg", "width": 60, "height": 90,  # the upright frame
+        "boxes": [], "category_ids": [], "iscrowd": [], "areas": [], "ann_ids": [], "captions": ["w5 w6"],
+    }  # fmt: skip
+    write_shards([record], CATEGORIES, images, tmp_path / "shards", "val", progress=False)
+    cfg = tiny_config(*SMALL, f"data.shards_dir={tmp_path / 'shards'}", "data.num_workers=0")
+    tok = word_tokenizer()
+    model = build_model(cfg)
+    model.tokenizer = tok
+    cpu = torch.device("cpu")
+
+    loader = build_eval_loader(cfg.data, tok, rank=0, world_size=1, split="val")
+    (evaluated,), _, bad, _ = _predict(model, loader, tok, cpu, 0)
+    assert bad == 0 and evaluated["image_id"] == 7
+    (predicted,) = predict(
+        model, cfg.data, CATEGORIES, [path], tmp_path / "out", batch_size=1, score_threshold=0.0, device=cpu
+    )
+    assert (predicted["width"], predicted["height"]) == (60, 90)  # upright, as eval sees it
+    order = sorted(range(len(evaluated["scores"])), key=lambda i: -evaluated["scores"][i])
+    assert len(order) > 0
+    assert [d["box"] for d in predicted["detections"]] == [
+        [round(v, 2) for v in evaluated["boxes"][i]] for i in order
+    ]
+    assert [d["label"] for d in predicted["detections"]] == [evaluated["labels"][i] for i in order]
+    assert predicted["caption"] == evaluated["caption"]

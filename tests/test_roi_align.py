@@ -1,4 +1,4 @@
-"""The CPU multi-level RoIAlign equals torchvision's MultiScaleRoIAlign, values and gradients."""
+"""Multi-level RoIAlign (aligned=True, fixed or adaptive sampling) equals torchvision's kernel, values and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from ticod.models.roi_align import MultiScaleRoIAlign
+from ticod.models.roi_align import MultiScaleRoIAlign, roi_align_per_level
 
 NAMES = ["0", "1", "2", "3"]
 
@@ -44,21 +44,57 @@ def run(pool, maps, boxes, sizes):
     return out, grads
 
 
-@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def reference(pool, maps, boxes, sizes):
+    """RoI by RoI: torchvision's ``roi_align(aligned=True)`` on the level torchvision's mapper picks."""
+    pool(maps, boxes, sizes)  # sets up the scales and the level mapper
+    levels = pool.map_levels(boxes)
+    rois = torchvision.ops._utils.convert_boxes_to_roi_format(boxes)
+    out = [
+        torchvision.ops.roi_align(
+            maps[pool.featmap_names[lvl]],
+            roi[None],
+            pool.output_size,
+            pool.scales[lvl],
+            pool.sampling_ratio,
+            aligned=True,
+        )
+        for roi, lvl in zip(rois, levels.tolist(), strict=True)
+    ]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
 @pytest.mark.parametrize("output_size", [7, (5, 3)])
-def test_matches_torchvision(sampling_ratio, output_size):
+def test_matches_torchvision_aligned(sampling_ratio, output_size):
+    """CPU path and per-level (GPU) path both equal torchvision's aligned kernel, values and gradients."""
     image, sizes = (512, 704), [(512, 704), (400, 520)]
     maps = pyramid(image, 2, 5, torch.float64)
-    boxes = [boxes_for(image, 40, 1), boxes_for(sizes[1], 25, 2)]
-    ours, ours_grads = run(MultiScaleRoIAlign(NAMES, output_size, sampling_ratio), maps, boxes, sizes)
-    ref, ref_grads = run(
-        torchvision.ops.MultiScaleRoIAlign(NAMES, output_size, sampling_ratio), maps, boxes, sizes
+    # Adaptive sampling: grids from 1 to dozens of points per bin, and 0 for the zero-width box.
+    boxes = [
+        boxes_for(image, 40, 1),
+        torch.cat([boxes_for(sizes[1], 25, 2), torch.tensor([[9.0, 5, 9, 60]])]),
+    ]
+    pool = MultiScaleRoIAlign(NAMES, output_size, sampling_ratio)
+    ours, ours_grads = run(pool, maps, boxes, sizes)
+    ref, ref_grads = run(lambda *a: reference(pool, *a), maps, boxes, sizes)
+    features = [maps[n] for n in NAMES]
+    levels = pool.map_levels(boxes)
+    rois = torchvision.ops._utils.convert_boxes_to_roi_format(boxes)
+    per_level, per_level_grads = run(
+        lambda *_: roi_align_per_level(features, rois, levels, pool.scales, pool.output_size, sampling_ratio),
+        maps,
+        boxes,
+        sizes,
     )
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
-    for a, b in zip(ours_grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for out, grads in ((ours, ours_grads), (per_level, per_level_grads)):
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert all(g.abs().sum() > 0 for g in ref_grads)  # every level received RoIs
+    # aligned=True differs from torchvision's MultiScaleRoIAlign (aligned=False) by the half-pixel shift.
+    unaligned = torchvision.ops.MultiScaleRoIAlign(NAMES, output_size, sampling_ratio)(maps, boxes, sizes)
+    assert (unaligned - ref).abs().max() > 1e-2
 
 
 def test_single_level_empty_and_float32():
@@ -66,8 +102,9 @@ def test_single_level_empty_and_float32():
     maps = pyramid(image, 2, 3, torch.float32)
     boxes = [torch.zeros(0, 4), torch.tensor([[4.0, 4.0, 40.0, 30.0], [0.0, 0.0, 96.0, 64.0]])]
     for names in (["1"], NAMES):
-        ours = MultiScaleRoIAlign(names, 7, 2)(maps, boxes, [image, image])
-        ref = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)(maps, boxes, [image, image])
+        pool = MultiScaleRoIAlign(names, 7, 0)
+        ours = pool(maps, boxes, [image, image])
+        ref = reference(pool, maps, boxes, [image, image])
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     empty = MultiScaleRoIAlign(NAMES, 7, 2)(maps, [torch.zeros(0, 4), torch.zeros(0, 4)], [image, image])
@@ -78,9 +115,8 @@ def test_bfloat16_features_pool_in_float32():
     image = (64, 96)
     maps = OrderedDict((k, v.detach().bfloat16()) for k, v in pyramid(image, 1, 4, torch.float32).items())
     boxes = [torch.tensor([[3.3, 5.1, 50.7, 33.2], [10.0, 10.0, 90.0, 60.0]])]
-    ours = MultiScaleRoIAlign(NAMES, 7, 2)(maps, boxes, [image])
-    ref = torchvision.ops.MultiScaleRoIAlign(NAMES, 7, 2)(
-        OrderedDict((k, v.float()) for k, v in maps.items()), boxes, [image]
-    )
+    pool = MultiScaleRoIAlign(NAMES, 7, 0)
+    ours = pool(maps, boxes, [image])
+    ref = reference(pool, OrderedDict((k, v.float()) for k, v in maps.items()), boxes, [image])
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), ref, rtol=1e-2, atol=1e-2)

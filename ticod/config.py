@@ -38,6 +38,17 @@ class Precision(str, enum.Enum):
     fp16 = "fp16"
 
 
+class RoINorm(str, enum.Enum):
+    syncbn = "syncbn"
+    gn = "gn"
+    none = "none"
+
+
+class BoxLoss(str, enum.Enum):
+    smooth_l1 = "smooth_l1"
+    giou = "giou"
+
+
 class LrScaling(str, enum.Enum):
     none = "none"
     linear = "linear"
@@ -71,6 +82,10 @@ class DataConfig:
     test_min_size: int = 800
     max_size: int = 1333
     hflip_prob: float = 0.5
+    # Batch training images of similar aspect ratio (landscape/portrait, split further between 4:3, 3:2 and
+    # wider), with one train_min_sizes draw per batch, so a batch is padded little (tools/bench/padding.py:
+    # padded/real pixels ~1.03 instead of ~1.3-1.8 on COCO). Off: the batch takes the shuffled order as is.
+    group_by_aspect: bool = True
     shuffle_buffer: int = 1000
     max_caption_tokens: int = 32  # including BOS/EOS
     # Image normalisation (ImageNet stats, as the timm Swin weights expect).
@@ -109,6 +124,9 @@ class RPNConfig:
     positive_fraction: float = 0.5
 
 
+ROI_HEADS = ("shared2fc", "4conv1fc")  # model.roi.head
+
+
 @dataclass
 class RoIConfig:
     """Cascade R-CNN head: one entry per stage in the per-stage lists."""
@@ -123,11 +141,27 @@ class RoIConfig:
             [0.033, 0.033, 0.067, 0.067],
         ]
     )
-    class_agnostic_bbox: bool = True
+    # Box head of each stage: "shared2fc" (two FC layers, torchvision's TwoMLPHead) or "4conv1fc" (four
+    # 3x3 convs as wide as the FPN, each with `norm` and ReLU, then one FC; mmdetection's
+    # Shared4Conv1FCBBoxHead, as in the Swin Cascade R-CNN configs). Both end in `representation_size`.
+    head: str = "shared2fc"
+    # Norm of the 4conv1fc convs. syncbn: BatchNorm whose batch statistics are synchronised over all
+    # processes where torch can (accelerator tensors, NCCL) and per process on CPU; gn: GroupNorm with 32
+    # groups; none: conv bias only. syncbn and gn keep the same parameters wherever the model runs.
+    norm: RoINorm = RoINorm.syncbn
+    class_agnostic_bbox: bool = True  # one box per RoI; false: one per class, of 4 * (K + 1) deltas
+    # Stage box loss: smooth_l1 on the encoded deltas (torchvision), or giou on the decoded boxes
+    # (mmdetection's GIoULoss with reg_decoded_bbox). Either is summed over the positives and divided by
+    # the sampled RoIs, then multiplied by box_loss_weight.
+    box_loss: BoxLoss = BoxLoss.smooth_l1
+    box_loss_weight: float = 1.0
+    smooth_l1_beta: float = 1.0 / 9.0  # torchvision's Fast R-CNN value
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     roi_output_size: int = 7
-    sampling_ratio: int = 2
+    # RoIAlign (always aligned=True) sampling points per bin and axis; 0: adaptive, ceil(RoI size /
+    # roi_output_size) per RoI and axis (the reference).
+    sampling_ratio: int = 0
     representation_size: int = 1024
     # Recompute each stage's RoIAlign + box head in backward instead of keeping its RoI features
     # (batch_size_per_image x C x 7 x 7 per image and stage: the largest activations outside the backbone).
@@ -200,7 +234,7 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    precision: Precision = Precision.bf16
+    precision: Precision = Precision.bf16  # bf16 (torch autocast, fp32 weights) or fp32; fp16 is refused
     offload_optimizer: bool = False  # ZeRO-Offload to CPU (stage >= 1)
     overlap_comm: bool = True
     allgather_bucket_size: int = 200_000_000
@@ -396,6 +430,14 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         fail("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+    if cfg.deepspeed.precision == Precision.fp16:
+        # DeepSpeed's fp16 mode casts the module to half (anchors, box coding and RoIs in fp16; roi_align
+        # fails on fp16 maps with fp32 RoIs); its torch_autocast fp16 clips the loss-scaled gradients
+        # under ZeRO. Neither trains this model correctly, so it is refused rather than advertised.
+        fail(
+            "deepspeed.precision",
+            "fp16 is not supported: use bf16 (Ampere/Hopper and newer GPUs) or fp32 (V100 and older)",
+        )
     budget_keys, warmup_keys = ONE_OF
     budget = [k for k in budget_keys if _get(cfg, k) is not None]
     if len(budget) != 1:
@@ -437,6 +479,11 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("model.roi", "iou_thresholds, stage_loss_weights and bbox_stds need one entry per stage")
     if any(len(s) != 4 for s in roi.bbox_stds):
         fail("model.roi.bbox_stds", "each stage needs 4 stds (x, y, w, h)")
+    if roi.head not in ROI_HEADS:
+        fail("model.roi.head", f"unknown head '{roi.head}'; use one of {', '.join(ROI_HEADS)}")
+    for key in ("box_loss_weight", "smooth_l1_beta"):
+        if getattr(roi, key) < 0:
+            fail(f"model.roi.{key}", "must be >= 0")
     if cfg.model.num_classes < 1:
         fail("model.num_classes", "must be >= 1")
     if len(cfg.model.rpn.anchor_sizes) != 5:

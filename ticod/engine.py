@@ -2,8 +2,11 @@
 
 This is the project's only ``import deepspeed``. Mixed precision: ``bf16`` uses DeepSpeed's
 ``torch_autocast`` mode (fp32 master weights in the module, bf16 matmuls/convs under autocast, bf16
-gradient reduction for Linear/Conv layers), which keeps box arithmetic (anchors, box coding, RoI
-coordinates) in fp32; ``fp16`` uses DeepSpeed's classic fp16 mode with dynamic loss scaling.
+gradient reduction for Linear/Conv layers). Autocast lowers only matmuls and convolutions, so box
+arithmetic stays fp32 where the model hands it fp32 tensors: anchors are built in fp32
+(:class:`ticod.models.detector.FloatAnchorGenerator`), the RPN and cascade heads return fp32 logits and
+deltas (box coding, proposal filtering, matching), and RoIAlign samples in fp32 at fp32 RoIs
+(tests/test_precision.py checks all three). ``fp16`` is refused by :func:`ticod.config.validate`.
 """
 
 from __future__ import annotations
@@ -64,8 +67,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
     if ds.precision == Precision.bf16:
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif ds.precision == Precision.fp16:
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
 
 

@@ -274,9 +274,12 @@ def render_sample(
     std: Sequence[float],
     min_score: float = SAMPLE_MIN_SCORE,
 ) -> tuple[Image.Image, str]:
-    """A normalised, resized eval image with its predictions drawn (boxes rescaled to the resized image)."""
-    pixels = image.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    pil = Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    """A resized eval image (uint8 as the loader gives it, or normalised float) with its predictions drawn
+    (boxes rescaled to the resized image)."""
+    if image.dtype != torch.uint8:
+        pixels = image.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        image = (pixels.clamp(0, 1) * 255).round().byte()
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     keep = [i for i, s in enumerate(record.get("scores", [])) if s >= min_score]
     boxes = [[v * meta["scale"] for v in record["boxes"][i]] for i in keep]
     names = [category_names[record["labels"][i] - 1] for i in keep]
@@ -344,7 +347,7 @@ def evaluate(
     Args:
         model: A TICOD (or a DeepSpeed engine's ``.module``).
         loader: This rank's batches (the collate interface), each image of the split on exactly one rank.
-        gt: Ground truth; ``gt.image_ids`` are the images the ranks together must cover.
+        gt: Ground truth (read on rank 0 only); ``gt.image_ids`` are the images the ranks must cover.
         category_ids: Original COCO category id of each label 1..K (``category_ids[label - 1]``).
         category_names: Name of each label 1..K, for the sample images.
         tokenizer: Decodes generated caption ids.
@@ -353,7 +356,7 @@ def evaluate(
         world_size: Number of ranks.
         out_dir: Where rank 0 writes metrics.json, detections.json and captions.json.
         device: Device of the model.
-        image_mean: Normalisation mean of the batches (to render sample images).
+        image_mean: Normalisation mean of float batches (to render their sample images).
         image_std: Normalisation std of the batches.
         synced: Run the model in lockstep on all ranks (needed when its weights are partitioned across
             ranks, ZeRO-3; slower otherwise, as every rank waits for the slowest at each step).
@@ -429,7 +432,8 @@ def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
 def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
     """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
 
-    Rebuilt from shards, it lacks the samples that cannot be read; the eval loader counts those as bad and
+    Rebuilt from shards, it reads only the ``.json`` members (format-2 manifests seek to them; the JPEGs are
+    never read), and lacks the samples that cannot be read; the eval loader counts those as bad and
     :func:`dedupe` expects them missing, so the expected images are then all the manifest lists.
     Cached: training evaluates the same split every ``eval.every`` steps.
     """
@@ -486,7 +490,12 @@ def run_evaluation(
     from ticod.data.pipeline import build_eval_loader
 
     ev = cfg.eval
-    gt = load_ground_truth(ev.instances_json, ev.captions_json, cfg.data.shards_dir, cfg.data.val_split)
+    # Only rank 0 scores: the other ranks never read the ground truth.
+    gt = (
+        load_ground_truth(ev.instances_json, ev.captions_json, cfg.data.shards_dir, cfg.data.val_split)
+        if rank == 0
+        else GroundTruth(None, {}, [])
+    )
     loader = build_eval_loader(
         cfg.data,
         tokenizer,
@@ -554,9 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         precision = cfg.deepspeed.precision
         # The precision the model trained in (its in-loop evals ran under the same autocast).
         autocast = torch.autocast(
-            device.type,
-            dtype=torch.bfloat16 if precision == Precision.bf16 else torch.float16,
-            enabled=device.type == "cuda" and precision != Precision.fp32,
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == Precision.bf16
         )
         with autocast:
             result = run_evaluation(

@@ -28,4 +28,6 @@ def build_model(cfg: Config, tokenizer) -> TICOD:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tokenizer=tokenizer,
+        pixel_mean=cfg.data.mean,
+        pixel_std=cfg.data.std,
     )

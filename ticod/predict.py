@@ -2,9 +2,10 @@
 
 For every image writes ``OUT/<name>.json`` (boxes xyxy in original pixels, labels with category names,
 scores, caption) and ``OUT/<name>.png`` (the image with boxes, labels and caption drawn). The checkpoint
-is an export dir, a run dir or a checkpoint dir (see ``ticod.export.load_for_inference``). Images are
-preprocessed like the evaluation's (shorter side to ``data.test_min_size``, longer side at most
-``data.max_size``, normalised) and run in batches.
+is an export dir, a run dir or a checkpoint dir (see ``ticod.export.load_for_inference``). Images go
+through the evaluation's own transforms (``ticod.data.transforms``: EXIF orientation applied, shorter side
+to ``data.test_min_size``, longer side at most ``data.max_size``, uint8 pixels normalised by the model),
+so a model sees a file exactly as it sees the same image in an eval shard; they run in batches.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
 from ticod.config import ConfigError, DataConfig
+from ticod.data.transforms import decode_rgb, resize, to_uint8_tensor
 from ticod.evaluate import label_categories
 from ticod.visualize import draw_predictions
 
@@ -59,18 +60,25 @@ def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Images -> a normalised batch as the eval pipeline makes it, and each image's (h, w) after resizing.
+def load_image(path: Path) -> Image.Image:
+    """An image file decoded as evaluation decodes shard JPEGs: RGB, upright by its EXIF orientation."""
+    return decode_rgb(path.read_bytes())
 
-    Shorter side to ``test_min_size``, longer side at most ``max_size``, zero-padded bottom/right.
+
+def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Decoded images -> a batch as the eval pipeline makes it, and each image's (h, w) after resizing.
+
+    The eval sample path (``ticod.data.pipeline.SampleProcessor`` without flip): ``resize`` to the short
+    side ``test_min_size`` (long side at most ``max_size``), uint8 pixels, zero-padded bottom/right.
     """
     resized = []
     for image in images:
-        x = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
-        x = F.resize(x, [cfg.test_min_size], max_size=cfg.max_size, antialias=True)
-        resized.append(F.normalize(x, list(cfg.mean), list(cfg.std)))
+        image, _ = resize(image.convert("RGB"), torch.zeros(0, 4), cfg.test_min_size, cfg.max_size)
+        resized.append(to_uint8_tensor(image))
     sizes = [(int(x.shape[1]), int(x.shape[2])) for x in resized]
-    batch = torch.zeros(len(resized), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    batch = torch.zeros(
+        len(resized), 3, max(h for h, _ in sizes), max(w for _, w in sizes), dtype=torch.uint8
+    )
     for i, x in enumerate(resized):
         batch[i, :, : x.shape[1], : x.shape[2]] = x
     return batch, sizes
@@ -147,7 +155,7 @@ def predict(
     records = []
     model.eval()
     for chunk in batched(list(zip(paths, names, strict=True)), batch_size):
-        images = [Image.open(p).convert("RGB") for p, _ in chunk]
+        images = [load_image(p) for p, _ in chunk]
         batch, sizes = preprocess(images, data_cfg)
         orig = [(im.height, im.width) for im in images]
         with torch.no_grad():

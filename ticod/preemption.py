@@ -5,8 +5,9 @@ Contract with the trainer and the Slurm scripts:
 1. :class:`PreemptionHandler` turns SIGUSR1 (Slurm's ``--signal=USR1@SECONDS`` warning before the time
    limit, or ``scancel --signal=USR1``) and SIGTERM (preemption, ``scancel``, the launcher stopping us)
    into a flag; nothing else happens inside the signal handler, so a step in flight is never torn.
-2. After every optimizer step the trainer calls :func:`should_stop`; the flag is combined across ranks
-   (a signal may reach one rank before another), so all ranks agree on the same step.
+2. After every micro-batch the trainer folds the flag into its one per-step all-reduce
+   (``ticod.train.step_flags``, with the finite-loss check; :func:`should_stop` does the same alone), so
+   all ranks agree on the same step although a signal may reach one rank before another.
 3. On ``True`` every rank saves the checkpoint of that step and the process exits with
    :data:`REQUEUE_EXIT_CODE`. The Slurm scripts requeue the job on that status; the requeued job runs
    with ``checkpoint.resume=auto`` and continues from the checkpoint just written.

@@ -34,7 +34,7 @@ from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
 from ticod.model_card import write_model_card
-from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, should_stop
+from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from ticod.preflight import PreflightError, run_preflight
 from ticod.tracker import Tracker, setup_console_logging
 
@@ -180,13 +180,15 @@ def train(
         boundary = engine.is_gradient_accumulation_boundary()
         # This micro-batch completes a step that gets logged (the step count rises below).
         log_now = boundary and is_log_step(cfg, state.step + 1, steps)
-        out = forward_backward(run, to_device(batch, device), log_now)
-        if out is None:  # non-finite loss: every rank skipped this micro-batch
+        losses, grad_norm, stop = forward_backward(
+            run, to_device(batch, device), log_now, preemption.requested
+        )
+        if losses is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
             stop_if_nonfinite(run, consecutive_nonfinite)
             continue
         consecutive_nonfinite = 0
-        losses, window.grad_norm = out
+        window.grad_norm = grad_norm
         window.add_losses(losses, len(batch["image_sizes"]))
         if not boundary:
             continue
@@ -195,18 +197,24 @@ def train(
         now = time.perf_counter()
         state.train_time_s += now - t_step
         window.step_time += now - t_step
+        window.steps += 1
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{losses['loss'].item():.3f}")
         if log_now:
-            log_step(run, window, echo=progress is None)
+            metrics = log_step(run, window, echo=progress is None)
+            if progress is not None:
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             window = Window()
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < steps:
             run.evaluate()
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             run.save()
         inject_process_fault(cfg.faults, state.step, rank)
-        if should_stop(preemption, device):
+        # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
+        # that arrives after that check is acted on one step later.
+        if stop:
+            if not preemption.requested:
+                log.info("another rank received a stop signal")
             path = run.save()
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
             run.tracker.close()
@@ -330,10 +338,11 @@ def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bo
 
 
 def forward_backward(
-    run: Run, batch: dict, log_now: bool
-) -> tuple[dict[str, torch.Tensor], float | None] | None:
-    """Forward, backward and optimizer step of one micro-batch: (losses, grad norm), or None when its
-    loss was non-finite on any rank. The grad norm is computed only on log steps, and only where
+    run: Run, batch: dict, log_now: bool, stop_requested: bool
+) -> tuple[dict[str, torch.Tensor] | None, float | None, bool]:
+    """Forward, backward and optimizer step of one micro-batch: (losses, grad norm, stop), losses None
+    when the loss was non-finite on any rank (nothing else done then). ``stop``: whether any rank was asked
+    to stop (``stop_requested`` here). The grad norm is computed only on log steps, and only where
     DeepSpeed reports none (:func:`unreported_grad_norm`)."""
     cfg, engine, state = run.cfg, run.engine, run.state
     losses = engine(
@@ -347,14 +356,15 @@ def forward_backward(
     # step-keyed fault would fire again on every retry and one injected NaN would become many.
     if state.batches in cfg.faults.nan_loss_at_steps:
         loss = loss * float("nan")
-    if not all_ranks_true(bool(torch.isfinite(loss)), run.device):
+    finite, stop = step_flags(loss, stop_requested)
+    if not finite:
         # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
         state.nonfinite += 1
-        return None
+        return None, None, stop
     engine.backward(loss)
     grad_norm = unreported_grad_norm(engine) if log_now else None
     engine.step()
-    return losses, grad_norm
+    return losses, grad_norm, stop
 
 
 def is_log_step(cfg: Config, step: int, last: int) -> bool:
@@ -373,8 +383,9 @@ def stop_if_nonfinite(run: Run, consecutive: int) -> None:
         )
 
 
-def log_step(run: Run, window: Window, *, echo: bool) -> None:
-    """Reduce the window over ranks, add it to the run totals, log it; stop on too much bad data."""
+def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
+    """Reduce the window over ranks, add it to the run totals, log it (and return it); stop on too much
+    bad data."""
     state, engine = run.state, run.engine
     metrics = window.reduce(run.device, run.world_size)
     state.samples += metrics.pop("samples")
@@ -396,6 +407,7 @@ def log_step(run: Run, window: Window, *, echo: bool) -> None:
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     check_bad_fraction(state, run.cfg.max_bad_fraction)
+    return metrics
 
 
 def finish(run: Run) -> None:
@@ -415,20 +427,26 @@ def finish(run: Run) -> None:
 
 
 class Window:
-    """Loss and data statistics accumulated between two log lines on one rank."""
+    """Loss and data statistics accumulated between two log lines on one rank.
+
+    The loss sums stay on the device: reading a loss waits for the device to finish the step, so they are
+    read once per log line, in :meth:`reduce`.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor] = {}
         self.micro = 0
         self.samples = 0
         self.read = 0
         self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>" and "fixed/<reason>"
         self.step_time = 0.0
+        self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
 
     def add_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         for k, v in losses.items():
-            self.sums[k] += float(v.detach())
+            v = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.micro += 1
         self.samples += batch_size
 
@@ -439,28 +457,30 @@ class Window:
                 self.counts[f"{kind}/{reason}"] += int(n)
 
     def reduce(self, device: torch.device, world_size: int) -> dict[str, Any]:
-        """Mean losses over ranks; summed counts; images/s over the window."""
+        """Mean losses over ranks; summed counts; images/s and the mean optimizer step time over the window.
+
+        One all-reduce and one device-to-host read for the whole window.
+        """
         keys = sorted(self.sums)
         reasons = sorted(all_reasons(self.counts, device))
-        vec = torch.tensor(
-            [self.sums[k] for k in keys]
-            + [self.micro, self.samples, self.read]
-            + [self.counts[r] for r in reasons],
-            dtype=torch.float64,
-            device=device,
+        counts = torch.tensor(
+            [self.micro, self.samples, self.read] + [self.counts[r] for r in reasons], dtype=torch.float64
         )
+        losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
+        vec = torch.cat([*losses, counts.to(device)])
         if dist.is_initialized():
             dist.all_reduce(vec)
+        values = vec.tolist()
         n = len(keys)
-        micro, samples, read = vec[n].item(), int(vec[n + 1].item()), int(vec[n + 2].item())
-        out: dict[str, Any] = {k: vec[i].item() / max(micro, 1) for i, k in enumerate(keys)}
+        micro, samples, read = values[n], int(values[n + 1]), int(values[n + 2])
+        out: dict[str, Any] = {k: values[i] / max(micro, 1) for i, k in enumerate(keys)}
         out["images_per_s"] = samples / max(self.step_time, 1e-9)
-        out["step_time_s"] = self.step_time
+        out["step_time_s"] = self.step_time / max(self.steps, 1)
         out["samples"], out["read"] = samples, read
         out["bad"], out["fixed"] = {}, {}
         for i, key in enumerate(reasons):
             kind, reason = key.split("/", 1)
-            out[kind][reason] = int(vec[n + 3 + i].item())
+            out[kind][reason] = int(values[n + 3 + i])
         return out
 
 
@@ -481,6 +501,18 @@ def check_bad_fraction(state: TrainState, ceiling: float) -> None:
             f"{bad} of {state.samples_read} samples read were bad ({bad / state.samples_read:.2%} > "
             f"max_bad_fraction={ceiling:.2%}); by reason: {dict(sorted(state.bad.items()))}"
         )
+
+
+def step_flags(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank was asked to stop): one small all-reduce and one
+    device-to-host read per micro-batch, the only sync the step loop makes outside log steps."""
+    # Both flags made on the loss's device (no host-to-device copy): [non-finite, stop], max over ranks.
+    nonfinite = torch.isfinite(loss.detach()).logical_not()
+    flags = torch.stack([nonfinite, torch.full_like(nonfinite, stop_requested)]).to(torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return nonfinite == 0, stop > 0
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

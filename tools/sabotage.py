@@ -66,8 +66,8 @@ SABOTAGES = (
     Sabotage(
         "cascade-one-iou",
         "every cascade stage matches at iou_thresholds[0]",
-        r"\bnum_classes, iou, stds,",
-        "num_classes, cfg.iou_thresholds[0], stds,",
+        r"\(cfg, in_channels, num_classes, iou, stds\)",
+        "(cfg, in_channels, num_classes, cfg.iou_thresholds[0], stds)",
         ("tests/test_model_cascade.py::test_each_stage_labels_rois_at_its_own_iou_threshold",),
     ),
     Sabotage(
@@ -82,9 +82,9 @@ SABOTAGES = (
     ),
     Sabotage(
         "nonfinite-flag-local",
-        "all_ranks_true returns the local flag: a NaN on one rank is skipped by that rank only",
-        r"return bool\(t\.item\(\) > 0\)",
-        "return flag",
+        "step_flags skips its all-reduce: a NaN on one rank is skipped by that rank only",
+        r"^([ \t]*)dist\.all_reduce\(flags, op=dist\.ReduceOp\.MAX\)[ \t]*$",
+        r"\1pass",
         ("tests/test_reliability.py::test_nan_on_one_rank_is_skipped_by_every_rank",),
     ),
     Sabotage(
@@ -144,7 +144,7 @@ SABOTAGES = (
     Sabotage(
         "data-lost-samples-not-read",
         "samples a truncated or unreadable shard lost are not counted as read",
-        r"^([ \t]*)stats\.read \+= (?:len\(lost\)|lost)[ \t]*$",
+        r"^([ \t]*)stats\.read \+= stop - first - n[ \t]*$",
         r"\1pass",
         ("tests/test_data_bad.py::test_eval_skips_and_counts_every_bad_sample",),
     ),

@@ -4,7 +4,8 @@ Each stream is a flat list of stages run inside one dataloader worker (see ``_Tr
 ``_EvalStream.__iter__``); batches are collated in the worker and the ``DataLoader`` runs with
 ``batch_size=None``. Collating in the worker is what lets every batch carry ``stats`` (samples read and
 skipped by reason in that worker since its previous batch), so the main process can count bad samples
-across worker processes; it also moves padding off the training process.
+across worker processes; it also moves padding off the training process. Images travel as uint8 pixels
+(a quarter of float32's bytes); the model normalises them on its device (``TICOD.normalize``).
 
 Bad data never stops a job: unreadable or truncated shards, malformed members, undecodable JPEGs and
 unusable annotations skip the sample and count it by reason in ``stats["bad"]``. Boxes that are dropped
@@ -16,10 +17,10 @@ and nothing is extracted to disk.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import random
 import signal
@@ -29,13 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ticod.config import DataConfig
 from ticod.data.coco import CategoryMap
-from ticod.data.shards import iter_shard, read_manifest
+from ticod.data.plan import StreamPlan, position_after
+from ticod.data.shards import iter_shard, read_manifest, sample_offsets
 from ticod.data.tokenizer import encode_captions
 from ticod.data.transforms import (
     SizeMismatchError,
@@ -45,7 +48,7 @@ from ticod.data.transforms import (
     keep_nondegenerate,
     resize,
     swap_left_right,
-    to_normalized_tensor,
+    to_uint8_tensor,
     xywh_to_xyxy,
 )
 
@@ -76,6 +79,9 @@ class Shard:
     path: str
     samples: int  # per the manifest
     offset: int  # global index of its first sample in the split
+    # Format-2 manifests: byte offset of each sample (then the end), and each image's (width, height).
+    byte_offsets: tuple[int, ...] | None = None
+    sizes: tuple[tuple[int, int], ...] | None = None
 
 
 class StreamStats:
@@ -99,8 +105,13 @@ def _shards(shards_dir: str, split: str) -> tuple[list[Shard], dict[str, Any]]:
     manifest = read_manifest(shards_dir, split)
     shards, offset = [], 0
     for s in manifest["shards"]:
-        shards.append(Shard(str(Path(shards_dir) / s["name"]), int(s["samples"]), offset))
-        offset += int(s["samples"])
+        n, byte_offsets, sizes = int(s["samples"]), sample_offsets(s), s.get("sizes")
+        sizes = (
+            tuple((int(w), int(h)) for w, h in sizes) if isinstance(sizes, list) and len(sizes) == n else None
+        )
+        path = str(Path(shards_dir) / s["name"])
+        shards.append(Shard(path, n, offset, tuple(byte_offsets) if byte_offsets else None, sizes))
+        offset += n
     return shards, manifest
 
 
@@ -110,49 +121,67 @@ def _worker() -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- stages
-def read_samples(
-    shards: Iterable[Shard],
-    stats: StreamStats,
-    max_empty_in_a_row: int = 0,
-    keep: Callable[[int], bool] | None = None,
+def _log_member_error(exn: Exception) -> bool:
+    log.warning("skipping unreadable shard member: %s", exn)
+    return True
+
+
+def read_range(
+    shard: Shard, first: int, stop: int, stats: StreamStats
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(global index, raw sample) for every sample of ``shards``; damaged shards are counted, not raised.
+    """(global index, raw sample) for the readable samples ``first``..``stop - 1`` of ``shard``.
 
     webdataset's handlers either re-raise or sleep per error, and a truncated tar silently drops the rest
-    of its shard; comparing with the manifest count makes that loss visible. ``max_empty_in_a_row`` > 0
-    raises RuntimeError after that many consecutive shards gave no sample (an endless stream over
-    unreadable data would otherwise hang the job instead of failing it). With ``keep``, only the indices
-    it accepts are yielded and counted as bad when lost (eval streams that share shards each own some
-    indices: a lost sample is counted by its owner only); ``stats.read`` still counts every sample.
+    of its shard; comparing with the manifest count makes that loss visible. Every sample of the range
+    counts in ``stats.read``, a lost one also as bad (``unreadable_shard`` when no sample of the shard can
+    be read, else ``truncated_shard``). With byte offsets only the range is read; without (format-1
+    manifests), the shard from its start.
     """
-    empty_in_a_row = 0
-
-    def log_member_error(exn: Exception) -> bool:
-        log.warning("skipping unreadable shard member: %s", exn)
-        return True
-
-    for shard in shards:
-        n, failed = 0, False
-        try:
-            for sample in iter_shard(shard.path, log_member_error):
+    seek = shard.byte_offsets is not None
+    n = got = 0  # positions handed out; samples read in this pass
+    try:
+        if seek:
+            assert shard.byte_offsets is not None
+            it = iter_shard(
+                shard.path, _log_member_error, shard.byte_offsets[first], shard.byte_offsets[stop]
+            )
+        else:
+            it = iter_shard(shard.path, _log_member_error)
+        with contextlib.closing(it):
+            for sample in it:
+                got += 1
+                if not seek and got <= first:
+                    continue
+                if n == stop - first:  # more samples than the manifest promises: the manifest rules
+                    break
                 stats.read += 1
                 n += 1
-                if keep is None or keep(shard.offset + n - 1):
-                    yield shard.offset + n - 1, sample
-        except Exception as e:
-            failed = True
-            log.warning("%s: unreadable or truncated shard after %d samples (%s)", shard.path, n, e)
-        if n < shard.samples:
-            lost = range(shard.offset + n, shard.offset + shard.samples)
-            stats.read += len(lost)
-            owned = len(lost) if keep is None else sum(map(keep, lost))
-            if owned:
-                stats.bad[UNREADABLE_SHARD if failed and n == 0 else TRUNCATED_SHARD] += owned
-        empty_in_a_row = 0 if n else empty_in_a_row + 1
-        if max_empty_in_a_row and empty_in_a_row >= max_empty_in_a_row:
-            raise RuntimeError(
-                f"{empty_in_a_row} shards in a row had no readable sample (last: {shard.path})"
-            )
+                yield shard.offset + first + n - 1, sample
+    except Exception as e:
+        log.warning("%s: unreadable or truncated shard after %d samples (%s)", shard.path, first + n, e)
+    if n < stop - first:
+        readable = got > 0 or (seek and first > 0 and _first_sample_readable(shard))
+        stats.read += stop - first - n
+        stats.bad[TRUNCATED_SHARD if readable else UNREADABLE_SHARD] += stop - first - n
+
+
+def _first_sample_readable(shard: Shard) -> bool:
+    try:
+        with contextlib.closing(iter_shard(shard.path, _log_member_error)) as it:
+            return next(it, None) is not None
+    except Exception:
+        return False
+
+
+def read_one(shard: Shard, index: int) -> tuple[int, dict[str, Any] | None]:
+    """(global index, raw sample or None) of sample ``index`` of a shard with byte offsets; not counted."""
+    assert shard.byte_offsets is not None
+    start, stop = shard.byte_offsets[index], shard.byte_offsets[index + 1]
+    try:
+        with contextlib.closing(iter_shard(shard.path, _log_member_error, start, stop)) as it:
+            return shard.offset + index, next(it, None)
+    except Exception:
+        return shard.offset + index, None
 
 
 class SampleProcessor:
@@ -164,7 +193,6 @@ class SampleProcessor:
         self.min_sizes = [int(s) for s in cfg.train_min_sizes] if train else [int(cfg.test_min_size)]
         self.max_size = int(cfg.max_size)
         self.hflip_prob = float(cfg.hflip_prob) if train else 0.0  # eval never flips
-        self.mean, self.std = list(cfg.mean), list(cfg.std)
 
     def _meta(self, sample: dict[str, Any]) -> dict[str, Any]:
         if "json" not in sample:
@@ -206,8 +234,14 @@ class SampleProcessor:
         return clipped[ok], labels[ok]
 
     def __call__(
-        self, key: str, sample: dict[str, Any], rng: random.Random, stats: StreamStats
+        self,
+        key: str,
+        sample: dict[str, Any],
+        rng: random.Random,
+        stats: StreamStats,
+        min_size: int | None = None,
     ) -> dict[str, Any]:
+        """The processed sample; ``min_size``: the short side drawn for its batch (None: drawn here)."""
         meta = self._meta(sample)
         if "jpg" not in sample:
             raise BadSample(MISSING_JPEG)
@@ -219,7 +253,8 @@ class SampleProcessor:
             raise BadSample(BAD_JPEG) from e
         w, h = image.size
         boxes, labels = self._targets(meta, w, h, stats)
-        min_size = rng.choice(self.min_sizes)
+        if min_size is None:
+            min_size = rng.choice(self.min_sizes)
         image, boxes = resize(image, boxes, min_size, self.max_size)
         flipped = self.hflip_prob > 0 and rng.random() < self.hflip_prob
         if flipped:
@@ -230,7 +265,7 @@ class SampleProcessor:
         if flipped:
             caption = swap_left_right(caption)
         return {
-            "image": to_normalized_tensor(image, self.mean, self.std),
+            "image": to_uint8_tensor(image),
             "target": {"boxes": boxes[keep], "labels": labels[keep]},
             "caption": caption,
             "meta": {
@@ -247,7 +282,7 @@ class SampleProcessor:
 def collate(
     samples: Sequence[dict[str, Any]], tokenizer: Any, max_tokens: int, stats: dict[str, Any]
 ) -> dict[str, Any]:
-    """Processed samples -> the batch dict every consumer relies on (images padded bottom/right).
+    """Processed samples -> the batch dict every consumer relies on (uint8 images zero-padded bottom/right).
 
     The per-image boxes and labels are views into one tensor each, and ``input_ids``/``attention_mask`` views
     into one: a worker hands every tensor storage to the main process separately (a shared-memory file
@@ -256,7 +291,7 @@ def collate(
     """
     h = max((s["image"].shape[1] for s in samples), default=0)
     w = max((s["image"].shape[2] for s in samples), default=0)
-    images = torch.zeros(len(samples), 3, h, w)
+    images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)  # normalised by the model, on its device
     for i, s in enumerate(samples):
         images[i, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
     if samples:
@@ -282,21 +317,61 @@ def collate(
 
 
 def process_all(
-    indexed: Iterable[tuple[int, dict[str, Any]]],
+    indexed: Iterable[tuple[int, dict[str, Any] | None]],
     process: SampleProcessor,
     rng: random.Random,
     stats: StreamStats,
+    min_size: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Process a group of raw samples, dropping (and counting) the bad ones."""
+    """Process a group of raw samples, dropping (and counting) the bad ones (``min_size``: see SampleProcessor)."""
     out = []
     for _, sample in indexed:
+        if sample is None:  # lost with its shard: counted where it was read
+            continue
         key = str(sample.get("__key__", "?"))
         try:
-            out.append(process(key, sample, rng, stats))
+            out.append(process(key, sample, rng, stats, min_size))
         except BadSample as e:
             stats.bad[e.args[0]] += 1
             log.warning("skipping sample %s from %s: %s", key, sample.get("__url__"), e.args[0])
     return out
+
+
+# Aspect-ratio buckets (long side / short side) of each orientation: COCO's photos are mostly 4:3 (1.33),
+# 3:2 (1.5) and 16:9 (1.78, its long side then capped by max_size). Split between them, a batch of 8 is
+# padded ~3% on COCO; landscape/portrait alone leaves ~13% (tools/bench/padding.py).
+ASPECT_EDGES = (1.41, 1.6)
+
+
+def aspect_bucket(width: int, height: int) -> int:
+    """The aspect-ratio bucket of a ``width`` x ``height`` image: landscape (and square) 0-2, portrait 3-5."""
+    ratio = max(width, height) / max(1, min(width, height))
+    return sum(ratio >= e for e in ASPECT_EDGES) + (len(ASPECT_EDGES) + 1) * (height > width)
+
+
+def sample_aspect_bucket(item: tuple[int, dict[str, Any]]) -> int:
+    """:func:`aspect_bucket` of a raw sample from its ``.json`` (no decode; the annotated size is the size
+    of the decoded image, see ``decode_rgb``); 0 when unreadable (processing drops the sample anyway)."""
+    try:
+        meta = json.loads(item[1]["json"])
+        return aspect_bucket(int(meta["width"]), int(meta["height"]))
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+        return 0
+
+
+def group_by_aspect(
+    items: Iterable[Any], batch_size: int, bucket_of: Callable[[Any], int]
+) -> Iterator[list[Any]]:
+    """Groups of ``batch_size`` items of one bucket, each handed out when it fills, in stream order
+    (detectron2's AspectRatioGroupedDataset). Deterministic: a function of the item sequence alone, so a
+    replayed stream regroups identically; at most buckets x (batch_size - 1) items wait."""
+    pending: dict[int, list[Any]] = {}
+    for item in items:
+        group = pending.setdefault(bucket_of(item), [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield group.copy()
+            group.clear()
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -315,10 +390,12 @@ class _TrainStream(IterableDataset):
         rank: int,
         start_batch: int,
         origin: int,
+        group_by_aspect: bool,
     ) -> None:
         self.shards, self.process, self.batch = shards, process, batch
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.start_batch = start_batch
+        self.group_by_aspect = group_by_aspect
         # Stream seeds: (seed, rank) for a run's first layout, as always; a run that resumed onto another
         # layout (world size, workers, batch size) at optimizer step `origin` draws fresh streams.
         self.key = f"{seed}:{rank}" if origin == 0 else f"{seed}@{origin}:{rank}"
@@ -329,26 +406,106 @@ class _TrainStream(IterableDataset):
         # batch b comes from worker b % workers. A resumed loader starts at batch start_batch: its
         # worker 0 plays the part of worker start_batch % workers of the uninterrupted run, and so on.
         worker = (physical + self.start_batch) % workers
-        # String seeds hash with SHA-512: stable across processes and PYTHONHASHSEED.
-        rng = random.Random(f"ticod-train:{self.key}:{worker}")
+        # String keys hash with SHA-256 (ticod.data.plan): stable across processes and PYTHONHASHSEED.
+        plan = StreamPlan(
+            f"ticod-train:{self.key}:{worker}", [s.samples for s in self.shards], self.shuffle_buffer
+        )
         stats = StreamStats()
-        weights = [s.samples for s in self.shards]
-        shard_stream = (rng.choices(self.shards, weights)[0] for _ in itertools.repeat(None))  # endless
-        samples = read_samples(shard_stream, stats, max_empty_in_a_row=10 + 2 * len(self.shards))
-        samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        groups = wds.filters.batched(self.batch_size, collation_fn=None)(samples)
-        # Of the rank's first start_batch batches this worker made every workers-th one. Skipping raw
-        # groups (no decode) replays the stream to the same point; their stats were counted already.
+        # Grouped: raw samples, by the size in their .json; else consecutive (no look-ahead, unlike
+        # webdataset's batched: a group is handed out the moment it is full, so its stats end there).
+        bucket_of = sample_aspect_bucket if self.group_by_aspect else _one_bucket
+        # Of the rank's first start_batch batches this worker made every workers-th one.
         skip = len(range(worker, self.start_batch, workers))
-        for _ in range(skip):
-            next(groups)
-        stats.pop()
+        if skip and self.seekable:
+            # Seek: the position after `skip` groups follows from the draws; read only the samples the
+            # shuffle buffer and the grouping hold there (their stats were counted before the resume).
+            at = position_after(
+                plan, skip, self.batch_size, self._bucket_table() if self.group_by_aspect else None
+            )
+            buffer, waiting = self._read_at(plan, at.buffer), self._read_at(plan, at.pending)
+            samples = itertools.chain(waiting, self._shuffled(plan, stats, at.step, at.next_source, buffer))
+            groups = group_by_aspect(samples, self.batch_size, bucket_of)
+        else:
+            groups = group_by_aspect(self._shuffled(plan, stats, 0, 0, None), self.batch_size, bucket_of)
+            # Replay (manifests without byte offsets): the skipped groups are read, not decoded.
+            for _ in range(skip):
+                next(groups)
+            stats.pop()
         for index, group in enumerate(groups, start=skip):
             # Transforms draw from a per-group RNG: the skipped groups above never drew from it.
             group_rng = random.Random(f"ticod-augment:{self.key}:{worker}:{index}")
-            good = process_all(group, self.process, group_rng, stats)
+            # Grouped: one scale for the whole batch, else its images differ in size again (padding).
+            min_size = group_rng.choice(self.process.min_sizes) if self.group_by_aspect else None
+            good = process_all(group, self.process, group_rng, stats, min_size)
             if good:  # an all-bad group (practically never) makes no batch; its stats go with the next
                 yield self.batch(good, stats.pop())
+
+    @property
+    def seekable(self) -> bool:
+        """Whether a resume can seek: every shard has byte offsets (and image sizes, to group by)."""
+        return all(s.byte_offsets and (s.sizes or not self.group_by_aspect) for s in self.shards)
+
+    def _source(
+        self, plan: StreamPlan, stats: StreamStats, position: int
+    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """The endless source from ``position`` on: the drawn shards' readable samples, in order.
+
+        A seek assumes every sample of the manifest was there; a shard damaged before the resume point
+        (counted as bad when it was read) shifts the uninterrupted stream against the resumed one.
+        """
+        draw, _, first = (int(v[0]) for v in plan.locate(np.array([position])))
+        empty_in_a_row, max_empty = 0, 10 + 2 * len(self.shards)
+        for j in itertools.count(draw):
+            shard = self.shards[plan.shard(j)]
+            readable = 0
+            for item in read_range(shard, first, shard.samples, stats):
+                readable += 1
+                yield item
+            first = 0
+            # An endless stream over unreadable data would hang the job instead of failing it.
+            empty_in_a_row = 0 if readable else empty_in_a_row + 1
+            if empty_in_a_row >= max_empty:
+                raise RuntimeError(
+                    f"{empty_in_a_row} shards in a row had no readable sample (last: {shard.path})"
+                )
+
+    def _shuffled(
+        self,
+        plan: StreamPlan,
+        stats: StreamStats,
+        step: int,
+        position: int,
+        buffer: list[tuple[int, dict[str, Any] | None]] | None,
+    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """webdataset's buffer shuffle with the draws of ``plan`` (see ticod.data.plan), from shuffle step
+        ``step`` and source ``position`` on, with ``buffer`` (None: fill it from the source first)."""
+        source = self._source(plan, stats, position)
+        if buffer is None:
+            buffer = list(itertools.islice(source, plan.buffer))
+        for e in itertools.count(step):
+            pick, new = plan.pick(e), next(source)
+            if pick == plan.buffer:
+                yield new
+            else:
+                out, buffer[pick] = buffer[pick], new
+                yield out
+
+    def _read_at(self, plan: StreamPlan, positions: np.ndarray) -> list[tuple[int, dict[str, Any] | None]]:
+        """The samples at these source positions, read by seeking (in file order; each once)."""
+        _, shard, sample = plan.locate(positions)
+        wanted = list(zip(shard.tolist(), sample.tolist(), strict=True))
+        got = {key: read_one(self.shards[key[0]], key[1]) for key in sorted(set(wanted))}
+        return [got[key] for key in wanted]
+
+    def _bucket_table(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """(shard index, sample index) arrays -> aspect buckets, from the manifest's image sizes."""
+        table = np.array([aspect_bucket(w, h) for s in self.shards for w, h in s.sizes or ()], dtype=np.int64)
+        starts = np.array([s.offset for s in self.shards], dtype=np.int64)
+        return lambda shard, sample: table[starts[shard] + sample]
+
+
+def _one_bucket(item: Any) -> int:
+    return 0
 
 
 def build_train_loader(
@@ -365,7 +522,9 @@ def build_train_loader(
     """Endless training batches of ``cfg.batch_size`` for ``rank`` (see the module doc for the batch format).
 
     Every (rank, worker) resamples shards (weighted by sample count) and shuffles with its own RNG seeded
-    from ``(seed, rank, worker)``, so ranks see different data and a run is reproducible. Resuming:
+    from ``(seed, rank, worker)``, so ranks see different data and a run is reproducible. With
+    ``cfg.group_by_aspect`` the shuffled samples are grouped into batches of one aspect-ratio bucket
+    (:func:`aspect_bucket`), each batch resized to one drawn short side. Resuming:
     ``start_batch`` = batches this rank already consumed; the loader then yields exactly what an
     uninterrupted run would have yielded from that point (the stream is replayed without decoding
     images; exact unless a whole group of ``batch_size`` samples was unusable). Needs the same seed,
@@ -386,6 +545,7 @@ def build_train_loader(
     del world_size  # resampling needs no partition: each rank draws its own shard sequence
     shards, manifest = _shards(cfg.shards_dir, split or cfg.train_split)
     process = SampleProcessor(cfg, manifest["categories"], train=True)
+    log_buffer_memory(cfg, manifest)
     stream = _TrainStream(
         shards,
         process,
@@ -396,8 +556,38 @@ def build_train_loader(
         rank=rank,
         start_batch=start_batch,
         origin=origin,
+        group_by_aspect=cfg.group_by_aspect,
     )
+    if start_batch and not stream.seekable:
+        log.warning(
+            "%s: the '%s' manifest has no per-sample byte offsets (written before manifest format 2), so "
+            "resuming re-reads every sample this rank drew before the checkpoint; rewrite the shards with "
+            "tools/shard_coco.py for a resume that seeks",
+            cfg.shards_dir,
+            split or cfg.train_split,
+        )
     return _data_loader(stream, cfg.num_workers)
+
+
+def log_buffer_memory(cfg: DataConfig, manifest: dict[str, Any]) -> int:
+    """Log (and return) the bytes the shuffle buffers of one rank hold: raw samples (JPEG + JSON) x workers.
+
+    The buffer is set in samples (``data.shuffle_buffer``, per worker); its bytes follow from the split's
+    mean sample size on disk. A node holds this times its ranks.
+    """
+    samples = sum(int(s["samples"]) for s in manifest["shards"])
+    mean = sum(int(s.get("bytes", 0)) for s in manifest["shards"]) / max(1, samples)
+    held = max(1, cfg.shuffle_buffer) * max(1, cfg.num_workers)
+    log.info(
+        "shuffle buffer: %d samples x %d workers = %d samples held per rank, ~%.0f MiB at the split's mean "
+        "%.0f KiB per sample (times the ranks of a node)",
+        max(1, cfg.shuffle_buffer),
+        max(1, cfg.num_workers),
+        held,
+        held * mean / 2**20,
+        mean / 2**10,
+    )
+    return int(held * mean)
 
 
 class _Batcher:
@@ -455,6 +645,26 @@ def _data_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
 
 
 # ------------------------------------------------------------------------------------------- eval
+def eval_share(
+    shards: Sequence[Shard], stream: int, streams: int, limit: int = 0
+) -> list[tuple[Shard, int, int]]:
+    """The (shard, first, stop) sample ranges that eval stream ``stream`` of ``streams`` reads.
+
+    The split's first ``limit`` samples (0: all), in shard order, cut into ``streams`` contiguous runs
+    whose sizes differ by at most one: every sample has exactly one stream, and a stream reads its run
+    from its first sample's byte offset on, so the streams together read the split once.
+    """
+    total = sum(s.samples for s in shards)
+    total = min(total, limit) if limit else total
+    lo, hi = total * stream // streams, total * (stream + 1) // streams
+    out = []
+    for s in shards:
+        first, stop = max(lo, s.offset), min(hi, s.offset + s.samples)
+        if first < stop:
+            out.append((s, first - s.offset, stop - s.offset))
+    return out
+
+
 class _EvalStream(IterableDataset):
     """Each sample of the split exactly once across all ranks and workers."""
 
@@ -479,14 +689,11 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()
-        streams, me = self.world_size * workers, self.rank * workers + worker
-        limit = self.max_samples or math.inf
-        shards = [s for s in self.shards if s.offset < limit]
         stats = StreamStats()
-        if len(shards) >= streams:  # enough shards: split them (rank-major, then worker)
-            samples = read_samples(shards[me::streams], stats, keep=lambda i: i < limit)
-        else:  # too few: everyone reads all, keeps every streams-th sample (same order everywhere)
-            samples = read_samples(shards, stats, keep=lambda i: i < limit and i % streams == me)
+        share = eval_share(
+            self.shards, self.rank * workers + worker, self.world_size * workers, self.max_samples
+        )
+        samples = (item for shard, first, stop in share for item in read_range(shard, first, stop, stats))
         rng = random.Random(0)  # eval transforms are deterministic; this only satisfies the interface
         good: list[dict[str, Any]] = []
         for group in wds.filters.batched(self.batch_size, collation_fn=None)(samples):
@@ -520,9 +727,8 @@ def build_eval_loader(
 ) -> EvalLoader:
     """Batches of ``cfg.eval_batch_size`` that visit every sample of the split exactly once over all ranks.
 
-    Shards are split by rank, then worker, when there are at least ranks x workers of them; otherwise
-    every stream reads all shards and keeps the samples whose index is its stream id modulo the number of
-    streams. No flip, short side ``cfg.test_min_size``, the first caption tokenised (all in ``meta``).
+    The split is cut into ranks x workers contiguous runs of samples (:func:`eval_share`), each read from
+    its byte offset (format-2 manifests; older ones are read from each shard's start). No flip, short side ``cfg.test_min_size``, the first caption tokenised (all in ``meta``).
     The last batch of a worker may hold 0 images: it carries that worker's final ``stats``; skip it.
 
     Args:
@@ -535,6 +741,13 @@ def build_eval_loader(
     """
     shards, manifest = _shards(cfg.shards_dir, split or cfg.val_split)
     process = SampleProcessor(cfg, manifest["categories"], train=False)
+    if world_size * max(1, cfg.num_workers) > 1 and not all(s.byte_offsets for s in shards):
+        log.warning(
+            "%s: the '%s' manifest has no per-sample byte offsets (manifest format 1): each eval stream reads "
+            "its shards from their start; rewrite the shards with tools/shard_coco.py to read each byte once",
+            cfg.shards_dir,
+            split or cfg.val_split,
+        )
     stream = _EvalStream(
         shards,
         process,

@@ -5,6 +5,13 @@ source JPEG bytes, untouched) and ``<key>.json`` (the record of :func:`ticod.dat
 with ``key`` the zero-padded image id. Tar headers carry no times or owners and samples are written
 in image-id order from the main process, so the same input gives byte-identical shards whatever the
 number of worker processes. The manifest is written last: a directory without one is an unfinished run.
+
+Manifest format 2 also lists, per shard, where each sample lies in the tar (``offsets``: the byte offset
+of each sample's first header, then the end of the last sample) and where its ``.json`` member's bytes
+are (``json``: ``[offset, size]`` per sample), and each image's annotated ``[width, height]`` (``sizes``:
+what batching by aspect ratio needs, without reading the sample). Readers then seek: a resumed training stream jumps to its
+position, an eval stream reads only its own samples, the ground truth reads only the ``.json`` bytes.
+Format 1 manifests (without them) still work; those readers then read shards from their start.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: per-sample byte offsets (see the module doc)
 SAMPLE_SUFFIXES = ("jpg", "json")  # the only members we write, and the only ones readers look at
 MISSING_CAPTIONS = ("skip", "keep", "error")
 # Skip reasons, as counted in the summary and the manifest.
@@ -133,21 +140,29 @@ class _ShardFile:
         # Held open across add() calls; closed in close() (or by write_shards on failure).
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.keys: list[str] = []
+        self.offsets: list[int] = []  # where each sample's first header starts
+        self.json: list[list[int]] = []  # [offset, size] of each sample's .json bytes
+        self.sizes: list[list[int]] = []  # [width, height] of each sample's image (from its record)
         self.size = 2 * tarfile.BLOCKSIZE  # end-of-archive blocks
 
     @staticmethod
     def member_size(n: int) -> int:
         return tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
-    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
+    def add(self, key: str, members: Sequence[tuple[str, bytes]], size: tuple[int, int]) -> None:
+        self.offsets.append(self.tar.offset)
+        self.sizes.append([int(size[0]), int(size[1])])
         for suffix, data in members:
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mode, info.mtime = len(data), 0o444, 0
+            if suffix == "json":  # short USTAR names: one header block, then the data
+                self.json.append([self.tar.offset + tarfile.BLOCKSIZE, len(data)])
             self.tar.addfile(info, io.BytesIO(data))
             self.size += self.member_size(len(data))
         self.keys.append(key)
 
     def close(self) -> dict[str, Any]:
+        end = self.tar.offset
         self.tar.close()
         os.replace(self.tmp, self.path)
         return {
@@ -156,6 +171,9 @@ class _ShardFile:
             "bytes": self.path.stat().st_size,
             "sha256": sha256_file(self.path),
             "keys": self.keys,
+            "offsets": [*self.offsets, end],
+            "json": self.json,
+            "sizes": self.sizes,
         }
 
 
@@ -291,7 +309,7 @@ def write_shards(
                 current = None
             if current is None:
                 current = _ShardFile(out / shard_name(split, len(shards)))
-            current.add(prep.key, members)
+            current.add(prep.key, members, (record["width"], record["height"]))
             summary.images += 1
             summary.boxes += len(record["boxes"])
             summary.crowd_boxes += sum(record["iscrowd"])
@@ -355,15 +373,30 @@ def _select(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in SAMPLE_SUFFIXES
 
 
-def iter_shard(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+class _Window:
+    """A file's bytes from its current position up to ``stop``; reads past ``stop`` see the end of the file."""
+
+    def __init__(self, f: io.BufferedReader, stop: int) -> None:
+        self.f, self.left = f, max(0, stop - f.tell())
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(self.left if n is None or n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+
+def iter_shard(
+    path: str, handler: Callable[[Exception], bool], start: int = 0, stop: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples ``{"__key__", "jpg"?, "json"?}`` of one local tar shard, read into memory (never extracted).
 
-    Per-member errors go to ``handler``; an unreadable or truncated archive raises out of the iterator
-    (after yielding the samples before the damage), so the caller can count what was lost.
+    ``start``/``stop``: only the samples in these bytes (offsets from a format-2 manifest; the default is
+    the whole file). Per-member errors go to ``handler``; an unreadable or truncated archive raises out
+    of the iterator (after yielding the samples before the damage), so the caller can count what was lost.
     """
     errors: list[Exception] = []
 
-    def members(f: io.BufferedReader) -> Iterator[dict[str, Any]]:
+    def members(f: Any) -> Iterator[dict[str, Any]]:
         # Stop quietly at damage so group_by_keys still hands out the last complete sample it holds.
         try:
             for m in tar_file_iterator(f, handler=handler, select_files=_select):
@@ -372,19 +405,38 @@ def iter_shard(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict
             errors.append(e)
 
     with open(path, "rb") as f:
-        yield from group_by_keys(members(f), handler=handler)
+        if start:
+            f.seek(start)
+        yield from group_by_keys(members(f if stop is None else _Window(f, stop)), handler=handler)
     if errors:
         raise errors[0]
 
 
+def sample_offsets(shard: dict[str, Any]) -> list[int] | None:
+    """A manifest shard's sample offsets (``samples`` + 1 of them), or None (format 1, or inconsistent)."""
+    offsets = shard.get("offsets")
+    if not isinstance(offsets, list) or len(offsets) != int(shard["samples"]) + 1:
+        return None
+    return [int(o) for o in offsets]
+
+
 def iter_shard_records(shards_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:
-    """The decoded ``.json`` record of every readable sample of a split, in shard order."""
+    """The decoded ``.json`` record of every readable sample of a split, in shard order.
+
+    With a format-2 manifest only the ``.json`` bytes are read (a seek and a read each); the JPEGs are
+    never touched. Older manifests: each shard is read through.
+    """
 
     def warn(exn: Exception) -> bool:
         log.warning("skipping unreadable shard member: %s", exn)
         return True
 
-    for path in shard_paths(shards_dir, split):
+    for shard in read_manifest(shards_dir, split)["shards"]:
+        path = str(Path(shards_dir) / shard["name"])
+        spans = shard.get("json")
+        if isinstance(spans, list) and len(spans) == int(shard["samples"]):
+            yield from _json_members(path, spans)
+            continue
         try:
             for sample in iter_shard(path, warn):
                 try:
@@ -393,3 +445,17 @@ def iter_shard_records(shards_dir: str | Path, split: str) -> Iterator[dict[str,
                     log.warning("%s: sample %s has no readable .json (%s)", path, sample.get("__key__"), e)
         except (OSError, tarfile.TarError, EOFError) as e:
             log.warning("%s: unreadable or truncated shard, the rest of it is skipped (%s)", path, e)
+
+
+def _json_members(path: str, spans: Sequence[Sequence[int]]) -> Iterator[dict[str, Any]]:
+    if not Path(path).is_file():
+        log.warning("%s: missing shard, skipped", path)
+        return
+    with open(path, "rb") as f:
+        for offset, size in spans:
+            f.seek(int(offset))
+            data = f.read(int(size))
+            try:
+                yield json.loads(data)
+            except ValueError as e:  # a truncated or damaged shard
+                log.warning("%s: the .json at byte %d is not readable (%s)", path, offset, e)

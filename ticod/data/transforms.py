@@ -1,4 +1,4 @@
-"""Box-aware image transforms: EXIF-safe RGB decode, aspect-keeping resize, horizontal flip, normalise.
+"""Box-aware image transforms: EXIF-safe RGB decode, aspect-keeping resize, horizontal flip, uint8 tensor.
 
 Boxes are float32 (N, 4) xyxy in pixels of the image they go with; every function returns the image and
 boxes together so they cannot drift apart.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -104,9 +103,10 @@ def swap_left_right(caption: str) -> str:
     return _LEFT_RIGHT.sub(swap, caption)
 
 
-def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float32 (3, H, W): pixels / 255, minus ``mean``, over ``std`` (per channel)."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 (3, H, W) pixels of an RGB image.
+
+    Workers hand images over as uint8 (a quarter of float32's bytes through shared memory, pinned memory and
+    the host-to-device copy); the model normalises them on its device (``TICOD.normalize``).
+    """
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

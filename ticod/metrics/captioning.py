@@ -21,11 +21,6 @@ from importlib.metadata import version
 from typing import Any
 
 import torch
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 COCO_CAPTION_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 BERTSCORE_KEYS = ("BERTScore-P", "BERTScore-R", "BERTScore-F1")
@@ -40,6 +35,13 @@ def _check_ids(refs: dict[Any, list[str]], hyps: dict[Any, str]) -> list[Any]:
 
 def coco_caption_scores(refs: dict[Any, list[str]], hyps: dict[Any, str]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of ``hyps`` (one per image) against all ``refs`` of the image."""
+    # Imported here: training, predict and the GPU check run where pycocoevalcap (and Java) are absent.
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     ids = _check_ids(refs, hyps)
     if not ids:
         return dict.fromkeys(COCO_CAPTION_KEYS, float("nan"))

@@ -26,6 +26,10 @@ def pad_to_multiple(images: torch.Tensor, divisor: int) -> torch.Tensor:
 class SwinBackbone(nn.Module):
     """Swin through timm's ``features_only`` wrapper, returning ``{"0": C2, "1": C3, "2": C4, "3": C5}``.
 
+    Each stage output passes a LayerNorm of its own (``norm0``..``norm3``, as the Swin detection backbone of
+    Swin-Transformer-Object-Detection has; timm's feature taps have none) before it goes to the FPN. They
+    sit outside :attr:`body`, so ImageNet weights load into ``body`` exactly as timm maps them.
+
     timm builds the Swin with ``strict_img_size=False`` (attention masks made per forward, so any input
     size works without rebuilding) and ``always_partition=True`` (every stage keeps its window and shift
     even when the feature map is smaller than the window, as detection Swins do; otherwise timm would
@@ -33,9 +37,11 @@ class SwinBackbone(nn.Module):
 
     Args:
         cfg: Variant name, weights source, drop path, grad checkpointing and extra timm kwargs.
+        normed: Stages whose output gets its LayerNorm; only those read downstream (a norm that no loss
+            reaches would get no gradient, which ZeRO does not allow).
     """
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, normed: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         super().__init__()
         kwargs = {
             "strict_img_size": False,
@@ -59,6 +65,8 @@ class SwinBackbone(nn.Module):
         # Stage 0 is the patch embedding, each later stage halves the map: inputs divisible by the
         # last stride give maps of exactly H/stride, which FPN and the anchor strides assume.
         self.size_divisor: int = self.strides[-1]
+        for i, channels in enumerate(self.channels):
+            self.add_module(f"norm{i}", nn.LayerNorm(channels) if i in normed else nn.Identity())
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -81,5 +89,8 @@ class SwinBackbone(nn.Module):
         h, w = images.shape[-2:]
         if h % self.size_divisor or w % self.size_divisor:
             raise ValueError(f"input {h}x{w} is not divisible by {self.size_divisor}; use pad_to_multiple")
-        # timm's Swin feature taps are NHWC.
-        return {str(i): f.permute(0, 3, 1, 2).contiguous() for i, f in enumerate(self.body(images))}
+        # timm's Swin feature taps are NHWC, as LayerNorm over channels wants them.
+        return {
+            str(i): getattr(self, f"norm{i}")(f).permute(0, 3, 1, 2).contiguous()
+            for i, f in enumerate(self.body(images))
+        }

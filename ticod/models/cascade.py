@@ -1,20 +1,25 @@
 """Cascade R-CNN RoI head (Cai & Vasconcelos, 2018) assembled from torchvision's detection parts.
 
-Each stage has its own two-layer MLP box head, classifier and box regressor, and its own IoU
-threshold and box-coder weights. In training, stage ``t`` matches its input boxes (plus the ground
+Each stage has its own box head (two FC layers, or four convs and one FC as the Swin Cascade reference),
+classifier and box regressor, and its own IoU threshold and box-coder weights. In training, stage ``t`` matches its input boxes (plus the ground
 truth) at its own IoU threshold, samples them, computes its losses and regresses the sampled
 non-ground-truth boxes into the (detached) input boxes of stage ``t + 1``, as mmdetection's
 ``CascadeRoIHead`` does. At test time every stage runs on the boxes refined by the previous one; the
 class scores are the mean of the stages' softmax probabilities (detectron2's and the paper's ensemble)
 and the boxes come from the last stage's regression, followed by torchvision's per-class NMS and top-K.
 
-Only the cascade logic is written here: matching, sampling, box coding, RoIAlign, NMS and the MLP head
-are torchvision's ``Matcher``, ``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``MultiScaleRoIAlign``
-(with a faster CPU path, :mod:`ticod.models.roi_align`), ``batched_nms`` and ``TwoMLPHead``.
+Only the cascade logic is written here: matching, sampling, box coding, RoIAlign, NMS, the box heads and
+the GIoU loss are torchvision's ``Matcher``, ``BalancedPositiveNegativeSampler``, ``BoxCoder``,
+``MultiScaleRoIAlign`` (aligned, with a faster CPU path: :mod:`ticod.models.roi_align`), ``batched_nms``,
+``TwoMLPHead`` / ``FastRCNNConvFCHead`` and ``generalized_box_iou_loss``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss
 
-from ticod.config import RoIConfig
+from ticod.config import BoxLoss, RoIConfig, RoINorm
 from ticod.models.roi_align import MultiScaleRoIAlign
 
-# torchvision's Fast R-CNN loss: smooth-L1 with beta 1/9, summed and divided by the sampled RoIs.
-SMOOTH_L1_BETA = 1.0 / 9.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,36 +43,87 @@ class Samples:
 
     proposals: list[torch.Tensor]  # (n_i, 4) xyxy
     labels: list[torch.Tensor]  # (n_i,) 0 = background, 1..K
-    regression_targets: list[torch.Tensor]  # (n_i, 4) encoded with the stage's box coder
+    matched_boxes: list[torch.Tensor]  # (n_i, 4) the GT box of each positive (negatives: the RoI itself)
     is_gt: list[torch.Tensor]  # (n_i,) bool: the RoI is an appended ground-truth box
 
 
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` that normalises CPU batches per process.
+
+    torch synchronises the batch statistics of accelerator tensors over the default process group when one
+    is initialised with more than one process (NCCL on GPUs), and raises for CPU tensors (gloo). CPU
+    batches (tests, the demo) take plain BatchNorm instead. Parameters and buffers are BatchNorm's either
+    way, so a checkpoint moves between multi-GPU training and single-device or CPU inference.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        if self.training:
+            _log_per_process_batchnorm()
+        return nn.BatchNorm2d.forward(self, x)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _log_per_process_batchnorm() -> None:
+    logger.info("model.roi.norm=syncbn on CPU: BatchNorm statistics are per process (synced on GPUs only)")
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups (mmdetection's GN), fewer if narrow
+
+
+NORM_LAYERS: dict[RoINorm, Callable[[int], nn.Module] | None] = {
+    RoINorm.syncbn: SyncBatchNorm,
+    RoINorm.gn: _group_norm,
+    RoINorm.none: None,
+}
+
+
+def box_head(cfg: RoIConfig, in_channels: int) -> nn.Module:
+    """A stage's box head on (R, C, S, S) RoI features, ending in ReLU(FC) of ``representation_size``.
+
+    ``shared2fc``: torchvision's ``TwoMLPHead``. ``4conv1fc``: torchvision's ``FastRCNNConvFCHead`` with
+    four 3x3 convs of ``in_channels`` (each conv, norm, ReLU; bias only without a norm) and one FC, as
+    mmdetection's ``Shared4Conv1FCBBoxHead`` (conv_out_channels 256 = the FPN width of the shipped configs).
+    """
+    size = cfg.roi_output_size
+    if cfg.head == "shared2fc":
+        return TwoMLPHead(in_channels * size**2, cfg.representation_size)
+    return FastRCNNConvFCHead(
+        (in_channels, size, size),
+        [in_channels] * 4,
+        [cfg.representation_size],
+        norm_layer=NORM_LAYERS[RoINorm(cfg.norm)],
+    )
+
+
 class CascadeStage(nn.Module):
-    """One cascade stage: MLP head, classifier, box regressor and the stage's target coding.
+    """One cascade stage: box head, classifier, box regressor, the stage's target coding and box loss.
 
     Args:
-        in_features: Flattened RoI feature size (channels * output_size**2).
-        representation_size: Width of the two fully connected layers.
+        cfg: Head, norm, regression and box-loss settings (shared by the stages).
+        in_channels: RoI feature channels (the FPN width).
         num_classes: Foreground classes K (the classifier has K + 1 outputs, 0 = background).
         iou_threshold: Foreground/background IoU threshold of this stage.
         bbox_stds: Target stds (x, y, w, h); the box coder weights are their reciprocals.
-        class_agnostic: One box per RoI instead of one per class.
     """
 
     def __init__(
         self,
-        in_features: int,
-        representation_size: int,
+        cfg: RoIConfig,
+        in_channels: int,
         num_classes: int,
         iou_threshold: float,
         bbox_stds: list[float],
-        class_agnostic: bool,
     ) -> None:
         super().__init__()
-        self.box_head = TwoMLPHead(in_features, representation_size)
-        self.cls_score = nn.Linear(representation_size, num_classes + 1)
-        self.class_agnostic = class_agnostic
-        self.bbox_pred = nn.Linear(representation_size, 4 if class_agnostic else 4 * (num_classes + 1))
+        self.box_head = box_head(cfg, in_channels)
+        self.cls_score = nn.Linear(cfg.representation_size, num_classes + 1)
+        self.class_agnostic = cfg.class_agnostic_bbox
+        self.bbox_pred = nn.Linear(
+            cfg.representation_size, 4 if self.class_agnostic else 4 * (num_classes + 1)
+        )
         # Small initial outputs (mmdetection/detectron2 init): near-uniform scores and near-identity
         # regression, so the first refinements do not throw boxes far off.
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -76,6 +132,8 @@ class CascadeStage(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
         self.box_coder = det_utils.BoxCoder(tuple(1.0 / s for s in bbox_stds))
         self.matcher = det_utils.Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
+        self.box_loss = BoxLoss(cfg.box_loss)
+        self.smooth_l1_beta = float(cfg.smooth_l1_beta)
 
     def forward(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits (R, K + 1) and box deltas (R, 4) or (R, 4 * (K + 1)) of pooled RoIs, in fp32."""
@@ -101,36 +159,40 @@ class CascadeStage(nn.Module):
         labels[matched == self.matcher.BETWEEN_THRESHOLDS] = -1
         return matched.clamp(min=0), labels
 
+    def losses(
+        self,
+        class_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        labels: torch.Tensor,
+        proposals: torch.Tensor,
+        matched_boxes: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unweighted classification and box losses of the sampled RoIs (torchvision's ``fastrcnn_loss``).
 
-def fast_rcnn_losses(
-    class_logits: torch.Tensor,
-    box_deltas: torch.Tensor,
-    labels: torch.Tensor,
-    regression_targets: torch.Tensor,
-    class_agnostic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's ``fastrcnn_loss`` extended to class-agnostic regression.
-
-    Cross-entropy over all sampled RoIs; smooth-L1 on the positives' deltas (of their GT class, or the
-    single agnostic box), summed and divided by the number of sampled RoIs. With no positives the box
-    loss is an exact 0 that still back-propagates (zero) gradients into the regressor.
-    """
-    cls_loss = F.cross_entropy(class_logits, labels)
-    pos = torch.where(labels > 0)[0]
-    deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
-    columns = torch.zeros_like(pos) if class_agnostic else labels[pos]
-    box_loss = F.smooth_l1_loss(
-        deltas[pos, columns], regression_targets[pos], beta=SMOOTH_L1_BETA, reduction="sum"
-    )
-    return cls_loss, box_loss / labels.numel()
+        Cross-entropy over all sampled RoIs. On the positives' deltas (of their GT class, or the single
+        agnostic box): smooth-L1 against the encoded GT, or GIoU between the decoded box and the GT; summed
+        and divided by the number of sampled RoIs. With no positives the box loss is an exact 0 that still
+        back-propagates (zero) gradients into the regressor.
+        """
+        cls_loss = F.cross_entropy(class_logits, labels)
+        pos = torch.where(labels > 0)[0]
+        deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
+        deltas = deltas[pos, torch.zeros_like(pos) if self.class_agnostic else labels[pos]]
+        if self.box_loss == BoxLoss.giou:
+            boxes = self.box_coder.decode_single(deltas, proposals[pos])
+            box_loss = generalized_box_iou_loss(boxes, matched_boxes[pos], reduction="sum")
+        else:
+            targets = self.box_coder.encode_single(matched_boxes[pos], proposals[pos])
+            box_loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
+        return cls_loss, box_loss / labels.numel()
 
 
 class CascadeRoIHeads(nn.Module):
     """Multi-stage Cascade R-CNN box head over FPN levels.
 
     Args:
-        cfg: Per-stage IoU thresholds, box stds and sampling/inference settings (stage loss weights are
-            applied by :class:`ticod.models.losses.LossCombiner`, not here).
+        cfg: Per-stage IoU thresholds, box stds, head, box loss and sampling/inference settings (the stage
+            and box loss weights are applied by :class:`ticod.models.losses.LossCombiner`, not here).
         in_channels: FPN channels.
         num_classes: Foreground classes K.
         featmap_names: FPN levels RoIAlign pools from (torchvision's level mapper picks one per box).
@@ -141,11 +203,8 @@ class CascadeRoIHeads(nn.Module):
         if not len(cfg.iou_thresholds) == len(cfg.bbox_stds) >= 1:
             raise ValueError("model.roi: iou_thresholds and bbox_stds need one entry per stage")
         self.box_roi_pool = MultiScaleRoIAlign(featmap_names, cfg.roi_output_size, cfg.sampling_ratio)
-        in_features = in_channels * cfg.roi_output_size**2
         self.stages = nn.ModuleList(
-            CascadeStage(
-                in_features, cfg.representation_size, num_classes, iou, stds, cfg.class_agnostic_bbox
-            )
+            CascadeStage(cfg, in_channels, num_classes, iou, stds)
             for iou, stds in zip(cfg.iou_thresholds, cfg.bbox_stds, strict=True)
         )
         self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(
@@ -170,12 +229,11 @@ class CascadeRoIHeads(nn.Module):
         for i, (cand, (matched, labels), gt) in enumerate(zip(candidates, matches, gts, strict=True)):
             keep = torch.where(pos_masks[i] | neg_masks[i])[0]
             props, matched, labels = cand[keep], matched[keep], labels[keep]
-            # Negatives (and every RoI of a box-less image) regress onto themselves: finite targets that
-            # the loss never reads, instead of torchvision's dummy [0,0,0,0] box and its log(0).
-            matched_gt = gt[matched] if gt.numel() else props
+            # Every RoI of a box-less image "matches" itself (torchvision's dummy is a [0,0,0,0] box); the
+            # loss reads the matched boxes of positives only.
             out.proposals.append(props)
             out.labels.append(labels)
-            out.regression_targets.append(stage.box_coder.encode_single(matched_gt, props))
+            out.matched_boxes.append(gt[matched] if gt.numel() else props)
             out.is_gt.append(keep >= len(proposals[i]))
         return out
 
@@ -252,8 +310,8 @@ class CascadeRoIHeads(nn.Module):
             else:
                 logits, deltas = self._pool_and_classify(stage, features, samples.proposals, image_sizes)
             labels = torch.cat(samples.labels)
-            losses[f"stage{i}_cls"], losses[f"stage{i}_box"] = fast_rcnn_losses(
-                logits, deltas, labels, torch.cat(samples.regression_targets), stage.class_agnostic
+            losses[f"stage{i}_cls"], losses[f"stage{i}_box"] = stage.losses(
+                logits, deltas, labels, torch.cat(samples.proposals), torch.cat(samples.matched_boxes)
             )
             if i + 1 < len(self.stages):
                 refined = self.refine(stage, deltas, logits, samples.proposals, image_sizes, samples.labels)

@@ -31,6 +31,21 @@ class FloatRPNHead(RPNHead):
         return [t.float() for t in logits], [t.float() for t in deltas]
 
 
+class FloatAnchorGenerator(AnchorGenerator):
+    """torchvision's anchor generator, always in fp32.
+
+    torchvision builds anchors in the dtype of the feature maps, which are bf16 under autocast: with 8
+    mantissa bits, x > 1024 px is rounded to a multiple of 8, so anchors shift by up to 4 px and P2
+    neighbours (stride 4) collapse onto one another. The maps are only read for their shapes and device,
+    so fp32 stand-ins of the same shapes (expanded scalars, no memory) are passed instead.
+    """
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        shapes = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        with torch.autocast(feature_maps[0].device.type, enabled=False):
+            return super().forward(image_list, shapes)
+
+
 class Detector(nn.Module):
     """FPN -> RPN -> Cascade R-CNN.
 
@@ -57,7 +72,7 @@ class Detector(nn.Module):
                 f"got {list(rpn_cfg.anchor_sizes)}"
             )
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(
+        anchors = FloatAnchorGenerator(
             sizes=tuple((int(s),) for s in rpn_cfg.anchor_sizes),
             aspect_ratios=(tuple(float(r) for r in rpn_cfg.aspect_ratios),) * len(FPN_LEVELS),
         )

@@ -11,8 +11,8 @@ from ticod.config import Balance, LossConfig, Task
 class LossCombiner(nn.Module):
     """Adds ``loss_det``, ``loss_cap`` and the total ``loss`` to a dict of unweighted named losses.
 
-    ``loss_det = rpn_objectness + rpn_box + Σ_i w_i (stage{i}_cls + stage{i}_box)`` with the cascade stage
-    weights w_i; ``loss_cap = caption``. The total is
+    ``loss_det = rpn_objectness + rpn_box + Σ_i w_i (stage{i}_cls + b · stage{i}_box)`` with the cascade
+    stage weights w_i and the box loss weight b; ``loss_cap = caption``. The total is
 
     - ``balance=fixed``: ``loss_det + λ · loss_cap`` (λ = ``caption_weight``; the task alone when only one
       task is trained);
@@ -23,10 +23,14 @@ class LossCombiner(nn.Module):
     Args:
         cfg: Task switch, λ and balance mode.
         stage_loss_weights: One weight per cascade stage.
+        box_loss_weight: Weight of every stage's box loss relative to its classification loss.
     """
 
-    def __init__(self, cfg: LossConfig, stage_loss_weights: list[float]) -> None:
+    def __init__(
+        self, cfg: LossConfig, stage_loss_weights: list[float], box_loss_weight: float = 1.0
+    ) -> None:
         super().__init__()
+        self.box_loss_weight = float(box_loss_weight)
         self.task = Task(cfg.task)
         self.caption_weight = float(cfg.caption_weight)
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
@@ -44,7 +48,7 @@ class LossCombiner(nn.Module):
         if self.task != Task.caption:
             det = losses["rpn_objectness"] + losses["rpn_box"]
             for i, w in enumerate(self.stage_loss_weights):
-                det = det + w * (losses[f"stage{i}_cls"] + losses[f"stage{i}_box"])
+                det = det + w * (losses[f"stage{i}_cls"] + self.box_loss_weight * losses[f"stage{i}_box"])
             out["loss_det"] = det
         if self.task != Task.detection:
             out["loss_cap"] = losses["caption"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
-from ticod.config import LossConfig, ModelConfig, Task
+from ticod.config import DataConfig, LossConfig, ModelConfig, Task
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
 from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder
 from ticod.models.detector import FPN_LEVELS, Detector
@@ -30,6 +30,9 @@ class TICOD(nn.Module):
         eos_token_id: Caption end token.
         pad_token_id: Padding id of generated captions.
         tokenizer: Optional tokenizer; when given, eval outputs carry decoded caption strings.
+        pixel_mean: Per-channel mean of pixels in [0, 1] that uint8 input batches are normalised with
+            (``data.mean``); None: the config's default (ImageNet).
+        pixel_std: Per-channel std likewise (``data.std``).
     """
 
     def __init__(
@@ -41,9 +44,19 @@ class TICOD(nn.Module):
         eos_token_id: int,
         pad_token_id: int,
         tokenizer: Any = None,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         task = Task(loss_cfg.task)
+        # Not in the state dict: they come from the config (checkpoints and exports stay as they were).
+        defaults = DataConfig()
+        for name, values in (
+            ("pixel_mean", pixel_mean or defaults.mean),
+            ("pixel_std", pixel_std or defaults.std),
+        ):
+            stats = torch.tensor(list(values), dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(name, stats, persistent=False)
         cap_cfg = model_cfg.captioner
         self.fpn_levels: list[str] = [str(n) for n in cap_cfg.fpn_levels] if cap_cfg.use_fpn_levels else []
         unknown = [n for n in self.fpn_levels if n not in FPN_LEVELS]
@@ -53,7 +66,10 @@ class TICOD(nn.Module):
             # Without the detector some FPN layers would get no gradient (ZeRO hangs on that).
             raise ValueError("model.captioner.use_fpn_levels needs the detector (loss.task joint)")
 
-        self.backbone = SwinBackbone(model_cfg.backbone)
+        # Caption-only reads the last stage only; its other stage norms would get no gradient.
+        self.backbone = SwinBackbone(
+            model_cfg.backbone, normed=(3,) if task == Task.caption else (0, 1, 2, 3)
+        )
         self.detector: Detector | None = None
         self.captioner: CaptionDecoder | None = None
         if task != Task.caption:
@@ -69,7 +85,9 @@ class TICOD(nn.Module):
             self.captioner = CaptionDecoder(
                 cap_cfg, visual, vocab_size, bos_token_id, eos_token_id, pad_token_id
             )
-        self.loss_combiner = LossCombiner(loss_cfg, list(model_cfg.roi.stage_loss_weights))
+        self.loss_combiner = LossCombiner(
+            loss_cfg, list(model_cfg.roi.stage_loss_weights), model_cfg.roi.box_loss_weight
+        )
         self.tokenizer = tokenizer
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -114,7 +132,8 @@ class TICOD(nn.Module):
         """Losses in train mode, predictions in eval mode.
 
         Args:
-            images: (B, 3, H, W) normalised, zero-padded batch (any H, W: padded here for Swin).
+            images: (B, 3, H, W) uint8 pixels, zero-padded (normalised here, see :meth:`normalize`), or a
+                float batch already normalised with zero padding (any H, W: padded here for Swin).
             targets: Per image {"boxes": (N, 4) xyxy resized-image pixels, "labels": (N,) in 1..K}; needed to
                 train the detector. N may be 0.
             captions: {"input_ids", "attention_mask"} (B, L); needed to train the captioner.
@@ -127,7 +146,7 @@ class TICOD(nn.Module):
             ``boxes`` (n, 4) xyxy, ``scores``, ``labels`` and/or ``caption_ids`` (and ``caption`` with a tokenizer).
         """
         sizes = self._image_sizes(images, image_sizes)
-        padded = pad_to_multiple(images, self.backbone.size_divisor)
+        padded = pad_to_multiple(self.normalize(images, sizes), self.backbone.size_divisor)
         features = self.backbone(padded)
         if self.training:
             return self._losses(padded, features, sizes, targets, captions)
@@ -198,11 +217,17 @@ class TICOD(nn.Module):
         if self.captioner is None:
             raise RuntimeError("this model was built without the captioner (loss.task=detection)")
         sizes = self._image_sizes(images, image_sizes)
-        padded = pad_to_multiple(images, self.backbone.size_divisor)
+        padded = pad_to_multiple(self.normalize(images, sizes), self.backbone.size_divisor)
         features = self.backbone(padded)
         fpn = self.detector.fpn(features) if self.fpn_levels else None
         maps = self._memory_maps(features, fpn)
         return self.captioner.generate(maps, sizes, tuple(padded.shape[-2:]), num_beams, max_new_tokens)
+
+    def normalize(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """:func:`normalize_pixels` with this model's ``pixel_mean``/``pixel_std`` (floats pass through)."""
+        if images.is_floating_point():
+            return images
+        return normalize_pixels(images, sizes, self.pixel_mean, self.pixel_std)
 
     def _memory_maps(
         self, features: dict[str, torch.Tensor], fpn: dict[str, torch.Tensor] | None
@@ -229,3 +254,22 @@ class TICOD(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
         return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def normalize_pixels(
+    images: torch.Tensor, sizes: list[tuple[int, int]], mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """A zero-padded uint8 batch as float32 ``(pixels / 255 - mean) / std``, its padding 0.
+
+    Run on the model's device, so the loader moves a quarter of float32's bytes. The padding beyond each
+    image's ``sizes`` is set to 0 after normalising, as the float batches were padded (and as detectron2
+    and mmdet pad after normalising). Slices by Python ints: no host-device sync.
+    """
+    x = images.float().div_(255).sub_(mean.float()).div_(std.float())
+    height, width = x.shape[-2:]
+    for i, (h, w) in enumerate(sizes):
+        if h < height:
+            x[i, :, h:] = 0
+        if w < width:
+            x[i, :, :h, w:] = 0
+    return x

@@ -78,7 +78,12 @@ class RawProcessor(SampleProcessor):
     """Everything :class:`SampleProcessor` does except decoding and transforming the image."""
 
     def __call__(
-        self, key: str, sample: dict[str, Any], rng: random.Random, stats: StreamStats
+        self,
+        key: str,
+        sample: dict[str, Any],
+        rng: random.Random,
+        stats: StreamStats,
+        min_size: int | None = None,
     ) -> dict[str, Any]:
         meta = self._meta(sample)
         if "jpg" not in sample:
@@ -189,6 +194,8 @@ def raw_shard_loader(cfg: Any, tokenizer: Any, seed: int) -> DataLoader:
         seed=seed,
         rank=0,
         start_batch=0,
+        origin=0,
+        group_by_aspect=cfg.group_by_aspect,
     )
     return pipeline._data_loader(stream, cfg.num_workers)
 

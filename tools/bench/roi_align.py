@@ -1,4 +1,4 @@
-"""RoIAlign on CPU: torchvision's ``MultiScaleRoIAlign`` vs ticod.models.roi_align, alone and in a training step.
+"""RoIAlign on CPU: torchvision's ``roi_align(aligned=True)`` kernel vs ticod.models.roi_align, alone and in a step.
 
 ``python tools/bench/roi_align.py [--config configs/demo.yaml] [--batch-size 4] [--threads 1]``
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torchvision
 from common import (
     Report,
     Row,
@@ -34,7 +34,7 @@ from common import (
 
 from ticod.factory import build_model, build_tokenizer
 from ticod.models.backbone import pad_to_multiple
-from ticod.models.roi_align import MultiScaleRoIAlign
+from ticod.models.roi_align import MultiScaleRoIAlign, roi_align_per_level
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +45,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def torchvision_pooler(pool: MultiScaleRoIAlign) -> torchvision.ops.MultiScaleRoIAlign:
-    ref = torchvision.ops.MultiScaleRoIAlign(pool.featmap_names, pool.output_size, pool.sampling_ratio)
+class TorchvisionKernelPooler(MultiScaleRoIAlign):
+    """TICOD's pooler with torchvision's ``roi_align(aligned=True)`` kernel on every device."""
+
+    def kernel(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        return roi_align_per_level
+
+
+def torchvision_pooler(pool: MultiScaleRoIAlign) -> TorchvisionKernelPooler:
+    ref = TorchvisionKernelPooler(pool.featmap_names, pool.output_size, pool.sampling_ratio)
     ref.canonical_scale, ref.canonical_level = pool.canonical_scale, pool.canonical_level
     return ref
 
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     # One stage's RoIs on the FPN maps of the first batch: the proposals the RPN keeps, as in training.
     b = batches[0]
     with torch.no_grad():
-        padded = pad_to_multiple(b["images"], ours.backbone.size_divisor)
+        padded = pad_to_multiple(ours.normalize(b["images"], b["image_sizes"]), ours.backbone.size_divisor)
         fpn = ours.detector.fpn(ours.backbone(padded))
     sizes = b["image_sizes"]
     g = torch.Generator().manual_seed(args.seed)

@@ -65,6 +65,9 @@ class Toy(nn.Module):
         return self.head(torch.relu(self.backbone(x))).pow(2).mean()
 
 
+_PG_PORT: list[int] = []  # the port of the session's one-rank group
+
+
 @pytest.fixture(scope="module")
 def single_rank_pg():
     """A one-rank gloo group for DeepSpeed engines in this process.
@@ -74,18 +77,21 @@ def single_rank_pg():
     every later subprocess (an ``sbatch`` job would take them for a torchrun launch).
     """
     with pytest.MonkeyPatch.context() as mp:
-        if not dist.is_initialized():
+        # Set for every module that uses the fixture: DeepSpeed checks LOCAL_RANK at each engine it builds.
+        first = not dist.is_initialized()
+        if first:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            for k, v in {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_RANK": "0",
-            }.items():
-                mp.setenv(k, os.environ.get(k, v))
+                _PG_PORT.append(s.getsockname()[1])
+        for k, v in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_PG_PORT[-1]) if _PG_PORT else "29500",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+        }.items():
+            mp.setenv(k, os.environ.get(k, v))
+        if first:
             from ticod.engine import init_distributed
 
             init_distributed("gloo", 60)

@@ -161,6 +161,7 @@ BAD_RUN = [
     "max_bad_fraction=1.0",
     "data.shuffle_buffer=4",
     "deepspeed.zero_stage=0",
+    "seed=1",  # with these draws the 7 batches meet every kind of damage (checked in the test)
 ]
 
 

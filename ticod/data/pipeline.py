@@ -526,8 +526,10 @@ def build_train_loader(
     ``cfg.group_by_aspect`` the shuffled samples are grouped into batches of one aspect-ratio bucket
     (:func:`aspect_bucket`), each batch resized to one drawn short side. Resuming:
     ``start_batch`` = batches this rank already consumed; the loader then yields exactly what an
-    uninterrupted run would have yielded from that point (the stream is replayed without decoding
-    images; exact unless a whole group of ``batch_size`` samples was unusable). Needs the same seed,
+    uninterrupted run would have yielded from that point: it seeks there, reading only what the shuffle
+    buffer and the grouping hold (older manifests without byte offsets: it re-reads, without decoding,
+    every sample drawn before); exact unless a whole group of ``batch_size`` samples was unusable, or a
+    shard was damaged before the resume point. Needs the same seed,
     world size, batch size and ``num_workers`` as the interrupted run.
 
     Args:

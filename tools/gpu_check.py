@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(ROOT / "tools" / "bench")]
 
 import torch  # noqa: E402
-from common import Report, Row  # noqa: E402  (tools/bench/common.py)
+from common import COCO_SAMPLE, Report, Row  # noqa: E402  (tools/bench/common.py)
 
-DEFAULT_COCO = ROOT.parent / "shared" / "coco_sample"
+DEFAULT_COCO = COCO_SAMPLE
 BENCH_TRAIN = ROOT / "tools" / "bench" / "train.py"
 OVERFIT_STEPS = 30
 REL_LOSS_TOL = 0.01  # bf16 vs fp32 first-step loss (as tests/test_precision.py)

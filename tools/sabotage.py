@@ -192,6 +192,85 @@ SABOTAGES = (
         r"\1pass",
         ("tests/test_metrics_detection.py::test_image_subset_ignores_images_not_predicted",),
     ),
+    # ------------------------------------------------------- issue 14: input pipeline and step loop
+    Sabotage(
+        "aspect-groups-scale-per-sample",
+        "a grouped batch draws each image's scale on its own (sizes differ again: padding)",
+        r"min_size = group_rng\.choice\(self\.process\.min_sizes\) if self\.group_by_aspect else None",
+        "min_size = None",
+        ("tests/test_data_pipeline.py::test_grouped_stream_one_bucket_one_scale_per_batch_and_resumable",),
+    ),
+    Sabotage(
+        "uint8-padding-not-zeroed",
+        "the model normalises the padding of a uint8 batch too (it was 0 after normalising)",
+        r"^([ \t]*)x\[i, :, h:\] = 0$",
+        r"\1pass",
+        ("tests/test_input_normalisation.py::test_model_sees_the_normalised_zero_padded_batch_of_before",),
+    ),
+    Sabotage(
+        "resume-never-seeks",
+        "a resumed stream replays everything drawn before, though the manifest has byte offsets",
+        r"if skip and self\.seekable:",
+        "if skip and False:",
+        ("tests/test_data_pipeline.py::test_resume_seeks_reading_only_what_the_stream_holds",),
+    ),
+    Sabotage(
+        "eval-every-stream-reads-all",
+        "every eval stream reads the whole split (and scores every image)",
+        r"lo, hi = total \* stream // streams, total \* \(stream \+ 1\) // streams",
+        "lo, hi = 0, total",
+        ("tests/test_data_pipeline.py::test_eval_shares_score_every_image_once_and_read_each_byte_once",),
+    ),
+    Sabotage(
+        "predict-skips-exif",
+        "predict decodes files without their EXIF rotation (eval applies it)",
+        r"return decode_rgb\(path\.read_bytes\(\)\)",
+        'return Image.open(path).convert("RGB")',
+        ("tests/test_predict.py::test_predict_on_exif_rotated_jpeg_matches_eval_from_a_shard",),
+    ),
+    # ------------------------------------------------ issue 15: reference fidelity and precision
+    Sabotage(
+        "giou-on-encoded-deltas",
+        "the GIoU box loss compares the raw deltas with the GT boxes instead of decoding them",
+        r"boxes = self\.box_coder\.decode_single\(deltas, proposals\[pos\]\)",
+        "boxes = deltas",
+        ("tests/test_model_cascade.py::test_box_loss_on_the_gt_class_deltas",),
+    ),
+    Sabotage(
+        "box-deltas-of-class-0",
+        "class-specific regression reads the background's deltas for every positive",
+        r"deltas\[pos, torch\.zeros_like\(pos\) if self\.class_agnostic else labels\[pos\]\]",
+        "deltas[pos, torch.zeros_like(pos)]",
+        ("tests/test_model_cascade.py::test_box_loss_on_the_gt_class_deltas",),
+    ),
+    Sabotage(
+        "roi-align-unaligned",
+        "the CPU RoIAlign samples half a feature pixel up-left (aligned=False)",
+        r"\* scale\[:, None\] - 0\.5\)\.unbind\(1\)",
+        "* scale[:, None]).unbind(1)",
+        ("tests/test_roi_align.py::test_matches_torchvision_aligned",),
+    ),
+    Sabotage(
+        "swin-stage-norms-skipped",
+        "the Swin stage outputs reach the FPN without their LayerNorm",
+        r'getattr\(self, f"norm\{i\}"\)\(f\)\.permute',
+        "f.permute",
+        ("tests/test_model_backbone.py::test_stage_outputs_are_layer_normed",),
+    ),
+    Sabotage(
+        "anchors-in-feature-dtype",
+        "anchors are built in the feature maps' dtype (bf16 under autocast)",
+        r"return super\(\)\.forward\(image_list, shapes\)",
+        "return super().forward(image_list, feature_maps)",
+        ("tests/test_precision.py::test_anchors_box_coding_and_rois_are_fp32_under_bf16_autocast",),
+    ),
+    Sabotage(
+        "fp16-accepted",
+        "deepspeed.precision=fp16 passes the config check (and crashes in roi_align)",
+        r"if cfg\.deepspeed\.precision == Precision\.fp16:",
+        "if False:",
+        ("tests/test_precision.py::test_fp16_is_refused_with_the_alternatives",),
+    ),
 )
 
 

@@ -32,6 +32,7 @@ sys.path[1:1] = [str(ROOT), str(ROOT / "tools")]  # run as a script from a check
 from ticod.config import Config, Precision, load_config  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+COCO_SAMPLE = ROOT.parent / "shared" / "coco_sample"  # 80 real COCO train2017 images (the team's share)
 GPT2_VOCAB = 50257  # the hub GPT-2 BPE; used for model sizes when the config names it (no download)
 GPT2_POSITIONS = 1024
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; pass --peak-tflops for anything else.
@@ -314,6 +315,11 @@ def add_common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
         "stall in OpenMP barriers and make timings erratic; 0 = torch's default)",
     )
     p.add_argument("--out", default=default_out, help="result JSON")
+
+
+def add_coco_arg(p: argparse.ArgumentParser) -> None:
+    """``--coco``: a COCO train2017 sample (``images/``, ``instances_train2017.json``, ``captions_train2017.json``)."""
+    p.add_argument("--coco", default=str(COCO_SAMPLE), help="COCO train2017 sample (default: %(default)s)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:

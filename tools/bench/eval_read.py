@@ -26,7 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Report, Row, Target, add_common_args, alternate, bench_config, setup, workdir
+from common import (
+    ROOT,
+    Report,
+    Row,
+    Target,
+    add_coco_arg,
+    add_common_args,
+    alternate,
+    bench_config,
+    setup,
+    workdir,
+)
 from resume import without_offsets
 
 import ticod.data.shards as shards_module
@@ -43,9 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, default_out="bench_results/eval_read.json")
     p.set_defaults(config=str(ROOT / "configs" / "ticod_large.yaml"), repeats=3, warmup=0)
-    p.add_argument(
-        "--coco", default=str(ROOT.parent / "shared" / "coco_sample"), help="COCO train2017 sample"
-    )
+    add_coco_arg(p)
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="data.num_workers per rank")
     p.add_argument("--per-shard", type=int, default=20, help="samples per val shard")

@@ -27,7 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, Report, Row, Target, add_common_args, alternate, bench_config, setup, workdir
+from common import (
+    ROOT,
+    Report,
+    Row,
+    Target,
+    add_coco_arg,
+    add_common_args,
+    alternate,
+    bench_config,
+    setup,
+    workdir,
+)
 
 from ticod.config import BackboneConfig
 from ticod.data.coco import load_records
@@ -44,9 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, default_out="bench_results/padding.json")
     p.set_defaults(config=str(ROOT / "configs" / "ticod_large.yaml"), repeats=3, warmup=0)
-    p.add_argument(
-        "--coco", default=str(ROOT.parent / "shared" / "coco_sample"), help="COCO train2017 sample"
-    )
+    add_coco_arg(p)
     p.add_argument("--batch-sizes", default="2,4,8", help="images per batch to compare")
     p.add_argument("--batches", type=int, default=25, help="batches per setting and round")
     p.add_argument("--step-batches", type=int, default=4, help="batches of 2 per step-time round (0: skip)")

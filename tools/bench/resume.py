@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, Report, Row, Target, add_common_args, alternate, setup, workdir
+from common import ROOT, Report, Row, Target, add_coco_arg, add_common_args, alternate, setup, workdir
 
 TARGET = 1.2  # first batch at 10^6 samples drawn / at 0
 
@@ -38,9 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, default_out="bench_results/resume.json")
     p.set_defaults(config=str(ROOT / "configs" / "ticod_large.yaml"), repeats=3, warmup=1)
-    p.add_argument(
-        "--coco", default=str(ROOT.parent / "shared" / "coco_sample"), help="COCO train2017 sample"
-    )
+    add_coco_arg(p)
     p.add_argument("--positions", default="0,10000,1000000", help="samples drawn before the resume (seek)")
     p.add_argument(
         "--replay-positions", default="10000", help="the same with a format-1 manifest ('' = none)"

@@ -30,7 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, Report, Row, Target, add_common_args, alternate, bench_config, setup, sync, workdir
+from common import (
+    ROOT,
+    Report,
+    Row,
+    Target,
+    add_coco_arg,
+    add_common_args,
+    alternate,
+    bench_config,
+    setup,
+    sync,
+    workdir,
+)
 from padding import shard_sample
 
 from ticod.data import pipeline
@@ -42,9 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, default_out="bench_results/transport.json")
     p.set_defaults(config=str(ROOT / "configs" / "ticod_large.yaml"), repeats=3, warmup=1)
-    p.add_argument(
-        "--coco", default=str(ROOT.parent / "shared" / "coco_sample"), help="COCO train2017 sample"
-    )
+    add_coco_arg(p)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--batches", type=int, default=12, help="measured batches per round")
     p.add_argument("--warm-batches", type=int, default=2, help="batches of each round not measured")

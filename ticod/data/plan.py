@@ -154,7 +154,8 @@ def position_after(
     # steps than the groups take (a second, doubled round is then rare).
     steps = max(1, groups * group_size + 64 * group_size)
     while True:  # simulate enough steps for `groups` groups to complete
-        emitted, _ = shuffle_state(plan.picks(steps), b)
+        picks = plan.picks(steps)
+        emitted, _ = shuffle_state(picks, b)
         _, shard, sample = plan.locate(emitted)
         kinds = bucket(shard, sample)
         done, members = [], {}
@@ -173,5 +174,5 @@ def position_after(
         pending.append(upto[len(upto) // group_size * group_size :])
     waiting = np.sort(np.concatenate(pending)) if pending else np.zeros(0, dtype=np.int64)
     steps = last + 1
-    _, held = shuffle_state(plan.picks(steps), b)
+    _, held = shuffle_state(picks[:steps], b)  # the simulated picks, not drawn again
     return Position(steps, held, emitted[waiting], b + steps)

@@ -38,13 +38,12 @@ from common import (
     setup,
     workdir,
 )
+from padding import shard_sample
 from resume import without_offsets
 
 import ticod.data.shards as shards_module
-from ticod.data.coco import load_records
 from ticod.data.pipeline import build_eval_loader
-from ticod.data.shards import write_shards
-from ticod.data.tokenizer import load_tokenizer, train_caption_tokenizer
+from ticod.data.tokenizer import load_tokenizer
 from ticod.evaluate import load_ground_truth
 
 TARGET = 1.10  # bytes read per evaluation / val split on disk
@@ -85,15 +84,6 @@ class CountingOpen:
         return f
 
 
-def shard_val(coco: Path, out: Path, per_shard: int) -> Path:
-    records, categories = load_records(coco / "instances_train2017.json", coco / "captions_train2017.json")
-    write_shards(
-        records, categories, coco / "images", out, "val", samples_per_shard=per_shard, progress=False
-    )
-    train_caption_tokenizer([c for r in records for c in r["captions"]], out / "tokenizer", 400)
-    return out
-
-
 def one_evaluation(
     args: argparse.Namespace, shards: Path, counter: CountingOpen, seen: list[int], parts: dict[str, int]
 ) -> float:
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     counter = CountingOpen()
     shards_module.open = counter  # module global: shadows the builtin for iter_shard and the JSON reader
     with workdir() as tmp:
-        new = shard_val(Path(args.coco), tmp / "shards", args.per_shard)
+        new = shard_sample(Path(args.coco), tmp / "shards", "val", args.per_shard)
         old = without_offsets(new, tmp / "shards-format1")
         manifest = shards_module.read_manifest(new, "val")
         on_disk = sum((new / s["name"]).stat().st_size for s in manifest["shards"])

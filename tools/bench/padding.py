@@ -63,10 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def shard_sample(coco: Path, out: Path) -> Path:
-    """``coco``'s images as train shards with a byte-level BPE (what tools/shard_coco.py would write)."""
+def shard_sample(coco: Path, out: Path, split: str = "train", per_shard: int = 20) -> Path:
+    """``coco``'s images as ``split`` shards with a byte-level BPE (what tools/shard_coco.py would write)."""
     records, categories = load_records(coco / "instances_train2017.json", coco / "captions_train2017.json")
-    write_shards(records, categories, coco / "images", out, "train", samples_per_shard=20, progress=False)
+    write_shards(
+        records, categories, coco / "images", out, split, samples_per_shard=per_shard, progress=False
+    )
     train_caption_tokenizer([c for r in records for c in r["captions"]], out / "tokenizer", 400)
     return out
 

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN, DEMO_VAL, DEMO_SEED = 24, 8, 0
 DEMO_TRAIN_PER_SHARD, DEMO_VAL_PER_SHARD = 8, 3  # -> 3 train shards, 3 val shards (3 + 3 + 2 samples)
 DEMO_VOCAB = 400
+# 80 real COCO train2017 images with their boxes and captions: the team's share next to the checkout
+# (TICOD_COCO_SAMPLE elsewhere). Never copied into the repository.
+COCO_SAMPLE = Path(os.environ.get("TICOD_COCO_SAMPLE", ROOT.parent / "shared" / "coco_sample"))
 
 
 def load_tool(name: str) -> ModuleType:
@@ -38,6 +41,20 @@ def _launcher_vars_do_not_leak():
     yield
     after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
     assert after == before, f"the test changed launcher variables in os.environ: {before} -> {after}"
+
+
+@pytest.fixture(scope="session")
+def coco_sample() -> Path:
+    """The real COCO sample: ``images/``, ``instances_train2017.json``, ``captions_train2017.json`` (read-only).
+
+    Skips the test with the reason where it is absent (a clone without ``../shared``).
+    """
+    if not (COCO_SAMPLE / "instances_train2017.json").is_file():
+        pytest.skip(
+            f"real COCO sample not found at {COCO_SAMPLE} (80 train2017 images: ../shared/coco_sample next "
+            "to the checkout, or set TICOD_COCO_SAMPLE)"
+        )
+    return COCO_SAMPLE
 
 
 @pytest.fixture(scope="session")

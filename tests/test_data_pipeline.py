@@ -134,7 +134,9 @@ def test_batch_format(demo_shards_dir: Path) -> None:
         assert m[:n].all() and not m[n:].any()  # right padding
         assert row[0] == tok.bos_token_id and row[n - 1] == tok.eos_token_id
     assert batch["stats"]["read"] >= 4 and batch["stats"]["bad"] == {}
-    assert set(batch["meta"][0]) == {"key", "image_id", "orig_size", "scale", "flipped", "captions"}
+    meta = {"key", "image_id", "orig_size", "scale", "flipped", "captions", "source"}
+    assert set(batch["meta"][0]) == meta and batch["meta"][0]["source"] == ""  # one unnamed source
+    assert batch["has_boxes"] == batch["has_caption"] == [True] * 4  # the demo labels both everywhere
 
 
 @pytest.fixture(scope="module")

@@ -222,3 +222,157 @@ def test_model_code_is_single_device_code():
             assert not [n for n in names if n.startswith(forbidden)], (path.name, names)
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("environ", "getenv"), path.name
+
+
+# ------------------------------------------------------------------------------------ partial labels
+def three_images() -> dict:
+    """Three same-size images (so any sub-batch pads alike), all labelled for boxes and captions."""
+    g = torch.Generator().manual_seed(5)
+    boxes = [
+        [[5.0, 8.0, 40.0, 50.0], [30.0, 20.0, 90.0, 60.0]],
+        [[10.0, 10.0, 60.0, 50.0]],
+        [[20.0, 5.0, 80.0, 60.0]],
+    ]
+    return {
+        "images": torch.randn(3, 3, 64, 96, generator=g),
+        "image_sizes": [(64, 96)] * 3,
+        "targets": [
+            {"boxes": torch.tensor(b), "labels": torch.tensor([1, 4][: len(b)]) + i}
+            for i, b in enumerate(boxes)
+        ],
+        "captions": {
+            "input_ids": torch.tensor([[BOS, 5, 6, 7, EOS], [BOS, 8, 9, EOS, EOS], [BOS, 10, EOS, EOS, EOS]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+        },
+    }
+
+
+def partially_labelled(b: dict, has_boxes: list[bool], has_caption: list[bool]) -> dict:
+    """``b`` as the data pipeline delivers partial labels: an empty target where an image has no boxes
+    labelled, the tokenised "" caption (BOS EOS) where it has no caption, and the flags."""
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+    ids, mask = b["captions"]["input_ids"].clone(), b["captions"]["attention_mask"].clone()
+    for i, has in enumerate(has_caption):
+        if not has:
+            ids[i], mask[i] = EOS, 0
+            ids[i, 0], mask[i, :2] = BOS, 1
+    targets = [t if has else empty for t, has in zip(b["targets"], has_boxes, strict=True)]
+    captions = {"input_ids": ids, "attention_mask": mask}
+    return {**b, "targets": targets, "captions": captions, "has_boxes": has_boxes, "has_caption": has_caption}
+
+
+def rows(b: dict, keep: list[int]) -> dict:
+    """The sub-batch of images ``keep`` (fully labelled, no flags)."""
+    return {
+        "images": b["images"][keep],
+        "image_sizes": [b["image_sizes"][i] for i in keep],
+        "targets": [b["targets"][i] for i in keep],
+        "captions": {k: v[keep] for k, v in b["captions"].items()},
+    }
+
+
+def partial_losses(model: TICOD, b: dict, seed: int = 7) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)  # the RPN/RoI samplers draw random RoIs
+    return model.train()(
+        b["images"],
+        b["targets"],
+        b["captions"],
+        image_sizes=b["image_sizes"],
+        has_boxes=b.get("has_boxes"),
+        has_caption=b.get("has_caption"),
+    )
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("absent", ["boxes", "caption"])
+def test_a_task_without_labels_in_the_batch_has_zero_loss_and_zero_gradient(absent):
+    # Default config: the captioner reads the last backbone stage only, not the FPN.
+    model = build()
+    flags = {"has_boxes": [absent != "boxes"] * 3, "has_caption": [absent != "caption"] * 3}
+    losses = partial_losses(model, partially_labelled(three_images(), **flags))
+    losses["loss"].backward()
+    assert math.isfinite(losses["loss"].item()) and losses["loss"].item() > 0
+    zero_keys = DET_KEYS if absent == "boxes" else CAP_KEYS
+    assert set(losses) == DET_KEYS | CAP_KEYS | {"loss"}
+    assert all(losses[k].item() == 0.0 for k in zero_keys)
+    assert all(losses[k].item() > 0.0 for k in {"loss_det", "loss_cap"} - zero_keys)
+    idle, trained = (
+        (model.detector, model.captioner) if absent == "boxes" else (model.captioner, model.detector)
+    )
+    # Every weight of the unlabelled task's branch took part in backward (ZeRO), with an exact 0.
+    assert all(g is not None and not g.any() for g in grads(idle).values())
+    parts = [trained.fpn, trained.rpn, trained.roi_heads] if absent == "caption" else [trained]
+    assert all(sum(g.abs().sum() for g in grads(part).values()) > 0 for part in parts)
+    assert sum(g.abs().sum() for g in grads(model.backbone).values() if g is not None) > 0
+
+
+@pytest.mark.parametrize("fpn_levels", [False, True])
+def test_mixed_batch_losses_equal_those_of_the_labelled_images_alone(fpn_levels):
+    overrides = (
+        ["model.captioner.use_fpn_levels=true", "model.captioner.fpn_levels=['1', '3']"] if fpn_levels else []
+    )
+    model = build(*overrides)
+    full = three_images()
+    # Images: [both, captions only, boxes only].
+    mixed = partial_losses(model, partially_labelled(full, [True, False, True], [True, True, False]))
+    # The samplers draw the same numbers in the same order: only the box-labelled images reach them.
+    boxed = partial_losses(model, rows(full, [0, 2]))
+    captioned = partial_losses(model, rows(full, [0, 1]))
+    for name in DET_KEYS:
+        torch.testing.assert_close(mixed[name], boxed[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(mixed["caption"], captioned["caption"], rtol=1e-5, atol=1e-6)
+    # The loss over the whole batch differs (the flags are not ignored).
+    everything = partial_losses(model, full)
+    assert abs(everything["loss_det"] - mixed["loss_det"]) > 1e-4
+    assert abs(everything["caption"] - mixed["caption"]) > 1e-4
+
+
+def test_all_true_flags_are_bit_identical_to_no_flags():
+    results = []
+    for flags in (None, [True] * 3):
+        model = build()
+        b = three_images() if flags is None else {**three_images(), "has_boxes": flags, "has_caption": flags}
+        losses = partial_losses(model, b)
+        losses["loss"].backward()
+        results.append((losses, grads(model)))
+    (plain, plain_grads), (flagged, flagged_grads) = results
+    assert all(torch.equal(plain[k], flagged[k]) for k in plain)
+    assert all(torch.equal(plain_grads[k], flagged_grads[k]) for k in plain_grads)
+
+
+@pytest.mark.parametrize("absent", ["boxes", "caption"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.task=joint"],
+        ["loss.task=joint", "loss.balance=uncertainty"],
+        ["loss.task=joint", "model.captioner.use_fpn_levels=true", "model.captioner.fpn_levels=['1', '3']"],
+        ["loss.task=joint", "model.roi.head=4conv1fc", "model.roi.norm=syncbn"],
+        ["loss.task=detection"],
+        ["loss.task=caption"],
+    ],
+)
+def test_every_parameter_gets_a_gradient_on_a_batch_without_a_task(overrides, absent):
+    # ZeRO stages > 0 hang or fail when a step leaves a parameter without a gradient.
+    model = build(*overrides)
+    flags = {"has_boxes": [absent != "boxes"] * 2, "has_caption": [absent != "caption"] * 2}
+    b = partially_labelled(batch(), **flags)
+    partial_losses(model, b)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("absent", ["boxes", "caption"])
+def test_learned_task_weight_of_an_absent_task_gets_no_gradient(absent):
+    # exp(-s)·0 + s would still pull s down (the task's weight up) in batches without its labels.
+    model = build("loss.balance=uncertainty")
+    flags = {"has_boxes": [absent != "boxes"] * 3, "has_caption": [absent != "caption"] * 3}
+    partial_losses(model, partially_labelled(three_images(), **flags))["loss"].backward()
+    idle, used = model.loss_combiner.log_var_det, model.loss_combiner.log_var_cap
+    if absent == "caption":
+        idle, used = used, idle
+    assert idle.grad is not None and not idle.grad.any() and used.grad.abs().sum() > 0

@@ -63,6 +63,18 @@ class WandbMode(str, enum.Enum):
 
 # --------------------------------------------------------------------------------------- data
 @dataclass
+class SourceConfig:
+    """One shard set of a training mix (``data.sources``)."""
+
+    name: str = ""  # in logs and eval keys (samples/<name>, eval/<name>/AP); default: the dir's name
+    shards_dir: str = ""
+    # Share of the training samples drawn from this source (weights are normalised over the sources).
+    weight: float = 1.0
+    train_split: str = "train"
+    val_split: str = "val"  # "" : this source is not evaluated
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how samples become batches."""
 
@@ -91,6 +103,14 @@ class DataConfig:
     # Image normalisation (ImageNet stats, as the timm Swin weights expect).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # A training mix (README "Mixing datasets"): when set, these shard sets replace shards_dir/train_split/
+    # val_split, each drawn in proportion to its weight; each source's val split is evaluated on its own.
+    # Samples carry which labels they have (boxes, captions): each loss is taken over the samples that
+    # have its labels. The tokenizer is still read from shards_dir when data.tokenizer is "".
+    sources: list[SourceConfig] = field(default_factory=list)
+    # The detection sources' categories merge into one label space by name, in source order; this YAML or
+    # JSON file renames the categories of a source where its names differ: {source name: {its name: name}}.
+    category_map: str = ""
 
 
 # -------------------------------------------------------------------------------------- model
@@ -463,6 +483,15 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("data.batch_size", "batch sizes must be >= 1")
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    names = []
+    for i, src in enumerate(cfg.data.sources):
+        if not src.shards_dir:
+            fail(f"data.sources.{i}.shards_dir", "each source needs a shards_dir")
+        if not src.weight > 0:
+            fail(f"data.sources.{i}.weight", f"must be > 0, got {src.weight}")
+        names.append(src.name or Path(src.shards_dir).name)
+    if len(set(names)) != len(names):
+        fail("data.sources", f"source names must differ (set name:), got {names}")
     if not cfg.data.train_min_sizes or min(cfg.data.train_min_sizes) < 32:
         fail("data.train_min_sizes", "needs at least one size >= 32")
     if max(cfg.data.train_min_sizes) > cfg.data.max_size or cfg.data.test_min_size > cfg.data.max_size:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -101,15 +102,19 @@ def to_records(
 
 
 def coco_detections(
-    records: Iterable[dict[str, Any]], category_ids: Sequence[int], score_threshold: float
+    records: Iterable[dict[str, Any]], category_ids: Sequence[int | None], score_threshold: float
 ) -> list[dict]:
-    """Records -> COCO results: original category ids (``category_ids[label - 1]``), xywh boxes."""
+    """Records -> COCO results: original category ids (``category_ids[label - 1]``), xywh boxes.
+
+    A label whose id is None (a class of the merged label space that this source does not annotate) is
+    left out: the source cannot say whether such a box is right.
+    """
     results = []
     for rec in records:
         for (x1, y1, x2, y2), score, label in zip(
             rec.get("boxes", []), rec.get("scores", []), rec.get("labels", []), strict=True
         ):
-            if score < score_threshold:
+            if score < score_threshold or category_ids[label - 1] is None:
                 continue
             results.append(
                 {
@@ -292,25 +297,41 @@ def render_sample(
 def compute_metrics(
     records: list[dict[str, Any]],
     gt: GroundTruth,
-    category_ids: Sequence[int],
+    category_ids: Sequence[int | None],
     cfg: EvalConfig,
     *,
     bertscorer: Any = None,
 ) -> tuple[dict[str, Any], list[dict], list[dict]]:
-    """Metrics of deduplicated records, the COCO results list and the caption list."""
-    ids = [r["image_id"] for r in records]
+    """Metrics of deduplicated records, the COCO results list and the caption list.
+
+    Partial labels: box metrics are taken over the images of ``gt.instances`` (those labelled for boxes),
+    caption metrics over the images with reference captions; each count is in the metrics.
+    """
     metrics: dict[str, Any] = {"num_images": len(records)}
     detections: list[dict] = []
     if any("boxes" in r for r in records):
         if gt.instances is None:
             raise ValueError("the model predicts boxes but no instances ground truth was given")
-        detections = coco_detections(records, category_ids, cfg.score_threshold)
-        metrics.update(detection_metrics(gt.instances, detections, image_ids=ids))
-        metrics["num_detections"] = len(detections)
-    captions = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records if "caption" in r]
+        labelled = set(gt.instances.getImgIds())
+        boxed = [r for r in records if r["image_id"] in labelled]
+        metrics["num_box_images"] = len(boxed)
+        if boxed:  # a captions-only split has no box metrics
+            detections = coco_detections(boxed, category_ids, cfg.score_threshold)
+            metrics.update(
+                detection_metrics(gt.instances, detections, image_ids=[r["image_id"] for r in boxed])
+            )
+            metrics["num_detections"] = len(detections)
+    captions = [
+        {"image_id": r["image_id"], "caption": r["caption"]}
+        for r in records
+        if "caption" in r and gt.captions.get(r["image_id"])
+    ]
+    if any("caption" in r for r in records):
+        metrics["num_caption_images"] = len(captions)
     if captions:
         hyps = {c["image_id"]: c["caption"] for c in captions}
-        metrics.update(caption_metrics(gt.captions, hyps, bertscore_model=None, scorer=bertscorer))
+        refs = {i: gt.captions[i] for i in hyps}
+        metrics.update(caption_metrics(refs, hyps, bertscore_model=None, scorer=bertscorer))
     return metrics, detections, captions
 
 
@@ -328,7 +349,7 @@ def evaluate(
     loader: Iterable[dict[str, Any]],
     *,
     gt: GroundTruth,
-    category_ids: Sequence[int],
+    category_ids: Sequence[int | None],
     category_names: Sequence[str],
     tokenizer: Any,
     cfg: EvalConfig,
@@ -428,7 +449,7 @@ def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
     """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
 
@@ -483,10 +504,65 @@ def run_evaluation(
     out_dir: str | Path,
     synced: bool = False,
 ) -> EvalResult:
-    """Evaluate on ``cfg.data.val_split`` of ``cfg.data.shards_dir`` (training's in-loop eval and the CLI).
+    """Evaluate on ``cfg.data.val_split`` of ``cfg.data.shards_dir`` (training's in-loop eval and the CLI),
+    or with ``data.sources`` on the val split of each source, apart.
 
-    Call on every rank. Caller sets eval mode / autocast as it wants; see :func:`evaluate` (``synced``).
+    A mix's metrics are keyed ``<source>/<metric>`` and its files written to ``out_dir/<source>``; each
+    source is scored in its own categories (``categories`` is the merged label space). Call on every rank.
+    Caller sets eval mode / autocast as it wants; see :func:`evaluate` (``synced``).
     """
+    from ticod.data.sources import label_space, resolve_sources
+
+    if not cfg.data.sources:
+        category_ids, category_names = label_categories(categories)
+        return _evaluate_split(
+            model, cfg, tokenizer, category_ids, category_names, rank, world_size, device, out_dir, synced
+        )
+    space = label_space(cfg.data)
+    merged = sorted(categories, key=lambda c: int(c["id"]))
+    if [int(c["id"]) for c in merged] != [int(c["id"]) for c in space.categories]:
+        raise ValueError("the model's categories are not the label space of data.sources")
+    result = EvalResult({})
+    for src in resolve_sources(cfg.data):
+        if not src.val_split:
+            continue
+        own = space.source_categories(src.name)
+        one = OmegaConf.merge(
+            cfg,
+            {"data": {"sources": [], "shards_dir": src.shards_dir, "val_split": src.val_split}},
+        )
+        part = _evaluate_split(
+            model,
+            one,  # type: ignore[arg-type]
+            tokenizer,
+            [own.get(int(c["id"])) for c in merged],
+            [str(c["name"]) for c in merged],
+            rank,
+            world_size,
+            device,
+            Path(out_dir) / src.name,
+            synced,
+        )
+        result.metrics.update({f"{src.name}/{k}": v for k, v in part.metrics.items()})
+        result.sample_images += part.sample_images
+    if rank == 0:  # all sources in one file too (model card, tools/show_metrics.py)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(result.metrics, indent=2, allow_nan=True))
+    return result
+
+
+def _evaluate_split(
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer: Any,
+    category_ids: Sequence[int | None],
+    category_names: Sequence[str],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    out_dir: str | Path,
+    synced: bool,
+) -> EvalResult:
     from ticod.data.pipeline import build_eval_loader
 
     ev = cfg.eval
@@ -506,7 +582,6 @@ def run_evaluation(
     )
     if ev.max_images:
         gt = subset(gt, loader.image_ids)
-    category_ids, category_names = label_categories(categories)
     return evaluate(
         model,
         loader,
@@ -529,7 +604,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export dir, run dir or checkpoint dir")
     p.add_argument("--data", help="shards dir (default: the checkpoint config's data.shards_dir)")
-    p.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
+    p.add_argument(
+        "--split", help="split to evaluate (default: the config's data.val_split, or each data.sources' one)"
+    )
     p.add_argument("--out", help="output dir (default: CHECKPOINT/eval/SPLIT)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_images=500")
     return p.parse_args(argv)
@@ -547,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.shards_dir={args.data}")
     if args.split:
         overrides.append(f"data.val_split={args.split}")
+    if args.data or args.split:
+        overrides.append("data.sources=[]")  # one split named here, not the training mix's
     info = world_info_from_env()
     setup_console_logging(info.rank)
     device = select_device(info)

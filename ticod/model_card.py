@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from ticod.config import Config, Task, load_config
 from ticod.data.shards import read_manifest
+from ticod.data.sources import resolve_sources
 from ticod.metrics.captioning import BERTSCORE_KEYS, COCO_CAPTION_KEYS
 from ticod.metrics.detection import DETECTION_KEYS
 
@@ -54,12 +55,14 @@ def write_model_card(export_dir: str | Path) -> Path:
 
 
 def _manifests(cfg: Config) -> dict[str, dict[str, Any] | str]:
+    """Manifest (or why it cannot be read) per split: ``<source>/<split>`` for a mix (data.sources)."""
     out: dict[str, dict[str, Any] | str] = {}
-    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
-        try:
-            out[split] = read_manifest(cfg.data.shards_dir, split)
-        except (FileNotFoundError, ValueError) as e:
-            out[split] = str(e)
+    for src in resolve_sources(cfg.data):
+        for split in dict.fromkeys(s for s in (src.train_split, src.val_split) if s):
+            try:
+                out[f"{src.name}/{split}" if src.name else split] = read_manifest(src.shards_dir, split)
+            except (FileNotFoundError, ValueError) as e:
+                out[f"{src.name}/{split}" if src.name else split] = str(e)
     return out
 
 
@@ -72,7 +75,7 @@ def render_card(
     """The card's text: front matter and body."""
     name = Path(cfg.run_dir).name
     metrics = _numbers(evaluation[1]) if evaluation else {}
-    dataset = Path(cfg.data.shards_dir).name
+    dataset = "+".join(s.name for s in resolve_sources(cfg.data)) or Path(cfg.data.shards_dir).name
     front = {
         "library_name": "ticod",
         "pipeline_tag": "object-detection" if cfg.loss.task != Task.caption else "image-to-text",
@@ -101,7 +104,8 @@ def render_card(
         "",
         "## Data",
         "",
-        f"Shards `{cfg.data.shards_dir}` (tools/shard_coco.py; manifests `<split>-manifest.json`):",
+        f"Shards `{', '.join(s.shards_dir for s in resolve_sources(cfg.data))}` (tools/shard_coco.py; "
+        "manifests `<split>-manifest.json`):",
         "",
         *_data(manifests),
         "",

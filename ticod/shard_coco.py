@@ -1,4 +1,4 @@
-"""Turn a COCO split (JPEG dir + instances JSON + captions JSON) into WebDataset shards + a manifest.
+"""Turn a COCO split (JPEG dir + instances and/or captions JSON) into WebDataset shards + a manifest.
 
 ``ticod-shard-coco`` (installed), ``python -m ticod.shard_coco`` or ``python tools/shard_coco.py`` (a
 checkout). Example (real COCO 2017)::
@@ -9,11 +9,22 @@ checkout). Example (real COCO 2017)::
         --out data/shards --split train --workers 8 --train-tokenizer 8000
 
 One sample per image: ``<id>.jpg`` (original bytes, untouched) and ``<id>.json`` (boxes in COCO xywh,
-original category ids, crowd flags, areas, annotation ids and all captions). Output order is by image
-id whatever ``--workers`` is. Images without boxes are kept; crowd boxes are kept and flagged; missing
-or undecodable images are skipped and reported (``--strict`` fails instead); images without captions
-follow ``--missing-captions``. An output dir that already has this split's shards is refused unless
-``--overwrite`` (which deletes them first), so runs never mix.
+original category ids, crowd flags, areas, annotation ids, all captions, and ``tasks``: what the image is
+labelled for). Output order is by image id whatever ``--workers`` is.
+
+Partial labels: ``--instances`` and ``--captions`` are each optional (one or more files each; several
+merge), at least one is needed. Images of an instances file are labelled for boxes: those without boxes
+are kept as negatives, crowd boxes are kept and flagged, and those without captions follow
+``--missing-captions`` (kept as boxes-only samples by default). Images only in a captions file are
+captions-only samples (no categories for a captions-only set). Missing or undecodable images are skipped
+and reported (``--strict`` fails instead). An output dir that already has this split's shards is refused
+unless ``--overwrite`` (which deletes them first), so runs never mix.
+
+Karpathy splits of COCO 2014: ``--karpathy dataset_coco.json --split train|val|test`` (train = train +
+restval) with ``--images`` the COCO root holding ``train2014/`` and ``val2014/``. Captions are the
+sentences' raw text unless ``--captions`` files are given; boxes come from ``--instances`` (pass the
+train2014 and val2014 files); without them the split is captions-only and image sizes are read from the
+JPEG headers.
 
 ``--train-tokenizer VOCAB`` also trains a byte-level BPE of that vocabulary size on the written
 samples' captions and saves it to ``OUT/tokenizer`` (use it with ``data.tokenizer=""`` or that path).
@@ -26,17 +37,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from ticod.data.coco import CocoFormatError, load_records
+from ticod.data.coco import CocoFormatError, load_karpathy, load_records
 from ticod.data.shards import MISSING_CAPTIONS, VERIFY_MODES, ShardError, sha256_file, write_shards
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, help="directory with the split's JPEG files")
-    p.add_argument("--instances", required=True, help="COCO instances_*.json")
-    p.add_argument("--captions", help="COCO captions_*.json (without it every image has no captions)")
+    p.add_argument(
+        "--images", required=True, help="directory with the split's JPEG files (--karpathy: the COCO root)"
+    )
+    p.add_argument(
+        "--instances", nargs="+", help="COCO instances_*.json file(s): boxes (without: a captions-only set)"
+    )
+    p.add_argument("--captions", nargs="+", help="COCO captions_*.json file(s) (without: a boxes-only set)")
+    p.add_argument(
+        "--karpathy", metavar="PATH", help="Karpathy dataset_coco.json: write its --split (train/val/test)"
+    )
     p.add_argument("--out", required=True, help="output directory for shards and manifest")
-    p.add_argument("--split", default="train", help="name prefix of the shards (default: train)")
+    p.add_argument(
+        "--split",
+        default="train",
+        help="name prefix of the shards (default: train); with --karpathy also the Karpathy split "
+        "(train = train + restval, val, test)",
+    )
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument(
         "--max-shard-bytes", type=int, default=0, help="start a new shard before this size (0: off)"
@@ -47,8 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--missing-captions",
         choices=MISSING_CAPTIONS,
-        default="skip",
-        help="images without captions: skip them (default), keep them, or fail",
+        default="keep",
+        help="box-labelled images without captions: keep them as boxes-only samples (default), skip "
+        "them, or fail",
     )
     p.add_argument("--overwrite", action="store_true", help="replace this split's existing shards in --out")
     p.add_argument(
@@ -62,21 +86,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "marker (~3x faster; what only a decode finds is then skipped and counted by the training loader)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not (a.instances or a.captions or a.karpathy):
+        p.error("at least one of --instances, --captions or --karpathy is required")
+    return a
+
+
+def _file(path: str, **extra: str) -> dict[str, str]:
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), **extra}
+
+
+def _sources(a: argparse.Namespace) -> dict[str, object]:
+    """Manifest provenance: every annotation file with its sha256 (``instances[1]`` ... when several)."""
+    sources: dict[str, object] = {}
+    if a.karpathy:
+        sources["karpathy"] = _file(a.karpathy, split=a.split)
+    for kind in ("instances", "captions"):
+        paths = getattr(a, kind) or []
+        for i, path in enumerate(paths):
+            sources[kind if len(paths) == 1 else f"{kind}[{i}]"] = _file(path)
+    sources["images"] = str(Path(a.images).resolve())
+    return sources
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        records, categories = load_records(a.instances, a.captions)
+        if a.karpathy:
+            records, categories = load_karpathy(a.karpathy, a.split, a.instances, a.captions, a.images)
+        else:
+            records, categories = load_records(a.instances, a.captions)
         if a.limit:
             records = records[: a.limit]
-        sources = {
-            "instances": {"path": str(Path(a.instances).resolve()), "sha256": sha256_file(a.instances)},
-            "images": str(Path(a.images).resolve()),
-        }
-        if a.captions:
-            sources["captions"] = {"path": str(Path(a.captions).resolve()), "sha256": sha256_file(a.captions)}
+        sources = _sources(a)
         manifest, summary = write_shards(
             records,
             categories,

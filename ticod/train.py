@@ -30,6 +30,7 @@ from ticod import engine as engine_lib
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
+from ticod.data.sources import label_space, resolve_sources
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
@@ -60,6 +61,7 @@ class TrainState:
     samples_read: int = 0  # samples read by the loaders, all ranks (incl. bad ones)
     bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
     fixed: dict[str, int] = field(default_factory=dict)  # boxes dropped from kept samples, by reason
+    sources: dict[str, int] = field(default_factory=dict)  # samples trained on per source of a mix, all ranks
     eval_failed: int = 0  # evaluations that failed (logged, counted and survived)
     train_time_s: float = 0.0
     # [world size, loader workers, batch size, grad accumulation]. A resume onto another layout (a requeue
@@ -189,7 +191,7 @@ def train(
             continue
         consecutive_nonfinite = 0
         window.grad_norm = grad_norm
-        window.add_losses(losses, len(batch["image_sizes"]))
+        window.add_losses(losses, len(batch["image_sizes"]), tasks_present(batch))
         if not boundary:
             continue
 
@@ -233,16 +235,20 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     # First, before anything slow: a shared run_dir, Java, the BERTScore model and wandb, on every rank.
     tracker = run_preflight(cfg, lambda: Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg)))
     tokenizer = build_tokenizer(cfg.data)
-    manifest = read_manifest(cfg.data.shards_dir, cfg.data.train_split)
-    categories = manifest["categories"]
+    sources = resolve_sources(cfg.data)
+    space = label_space(cfg.data)  # one source: its own categories
+    categories = space.categories
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    plan = resolve_plan(cfg, world_size, manifest["total_samples"], origin)
+    total = sum(read_manifest(s.shards_dir, s.train_split)["total_samples"] for s in sources)
+    plan = resolve_plan(cfg, world_size, total, origin)
     if len(categories) != cfg.model.num_classes:
+        where = ", ".join(s.shards_dir for s in sources)
         raise ConfigError(
-            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in "
-            f"{cfg.data.shards_dir} have {len(categories)} categories"
+            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in {where} have "
+            f"{len(categories)} categories"
+            + (f" after merging by name ({space.describe()})" if len(sources) > 1 else "")
         )
 
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
@@ -350,6 +356,9 @@ def forward_backward(
         targets=batch["targets"] if cfg.loss.task != Task.caption else None,
         captions=batch["captions"] if cfg.loss.task != Task.detection else None,
         image_sizes=batch["image_sizes"],
+        # Partially labelled data: per-image Python bools (absent: every image has boxes and a caption).
+        has_boxes=batch.get("has_boxes"),
+        has_caption=batch.get("has_caption"),
     )
     loss = losses["loss"]
     # By micro-batch, not step: a skipped micro-batch leaves the step count unchanged, so a
@@ -390,7 +399,7 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     metrics = window.reduce(run.device, run.world_size)
     state.samples += metrics.pop("samples")
     state.samples_read += metrics.pop("read")
-    for kind in ("bad", "fixed"):
+    for kind in ("bad", "fixed", "sources"):
         totals = getattr(state, kind)
         for reason, n in metrics.pop(kind).items():
             totals[reason] = totals.get(reason, 0) + n
@@ -404,6 +413,8 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
         # Run totals by reason (console, jsonl and wandb): which kind of damage the data has.
         **{f"bad/{r}": n for r, n in sorted(state.bad.items())},
         **{f"boxes_dropped/{r}": n for r, n in sorted(state.fixed.items())},
+        # A mix: samples trained on per source, run totals (their shares follow data.sources' weights).
+        **{f"samples/{name}": n for name, n in sorted(state.sources.items())},
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     check_bad_fraction(state, run.cfg.max_bad_fraction)
@@ -435,24 +446,30 @@ class Window:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.had: dict[str, int] = defaultdict(int)  # micro-batches with labels for each loss's task
         self.micro = 0
         self.samples = 0
         self.read = 0
-        self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>" and "fixed/<reason>"
+        self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>", "fixed/<reason>", "sources/<name>"
         self.step_time = 0.0
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
 
-    def add_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+    def add_losses(
+        self, losses: dict[str, torch.Tensor], batch_size: int, present: tuple[bool, bool] = (True, True)
+    ) -> None:
+        """Add a micro-batch's losses. ``present``: whether it had images labelled for boxes / captions; a
+        task's losses are averaged over the micro-batches that had it (the others' are a zero stand-in)."""
         for k, v in losses.items():
             v = v.detach().to(torch.float64)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.had[k] += loss_task_present(k, present)
         self.micro += 1
         self.samples += batch_size
 
     def add_stats(self, stats: dict) -> None:
         self.read += int(stats.get("read", 0))
-        for kind in ("bad", "fixed"):
+        for kind in ("bad", "fixed", "sources"):
             for reason, n in stats.get(kind, {}).items():
                 self.counts[f"{kind}/{reason}"] += int(n)
 
@@ -464,7 +481,10 @@ class Window:
         keys = sorted(self.sums)
         reasons = sorted(all_reasons(self.counts, device))
         counts = torch.tensor(
-            [self.micro, self.samples, self.read] + [self.counts[r] for r in reasons], dtype=torch.float64
+            [self.micro, self.samples, self.read]
+            + [self.counts[r] for r in reasons]
+            + [self.had[k] for k in keys],
+            dtype=torch.float64,
         )
         losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
         vec = torch.cat([*losses, counts.to(device)])
@@ -472,16 +492,34 @@ class Window:
             dist.all_reduce(vec)
         values = vec.tolist()
         n = len(keys)
-        micro, samples, read = values[n], int(values[n + 1]), int(values[n + 2])
-        out: dict[str, Any] = {k: values[i] / max(micro, 1) for i, k in enumerate(keys)}
+        samples, read = int(values[n + 1]), int(values[n + 2])  # values[n]: micro-batches (= had["loss"])
+        had = values[n + 3 + len(reasons) :]
+        # A task's mean over the micro-batches that had its labels (all of them, without partial labels);
+        # none in the window on any rank: not logged.
+        out: dict[str, Any] = {k: values[i] / had[i] for i, k in enumerate(keys) if had[i]}
         out["images_per_s"] = samples / max(self.step_time, 1e-9)
         out["step_time_s"] = self.step_time / max(self.steps, 1)
         out["samples"], out["read"] = samples, read
-        out["bad"], out["fixed"] = {}, {}
+        out["bad"], out["fixed"], out["sources"] = {}, {}, {}
         for i, key in enumerate(reasons):
             kind, reason = key.split("/", 1)
             out[kind][reason] = int(values[n + 3 + i])
         return out
+
+
+CAPTION_LOSSES = ("caption", "loss_cap")
+
+
+def loss_task_present(key: str, present: tuple[bool, bool]) -> bool:
+    """Whether a micro-batch with labels ``present`` (boxes, captions) had the task of loss ``key``."""
+    if key == "loss":
+        return True
+    return present[1] if key in CAPTION_LOSSES else present[0]
+
+
+def tasks_present(batch: dict) -> tuple[bool, bool]:
+    """(any image labelled for boxes, any with a caption) of a batch; batches without the flags: both."""
+    return any(batch.get("has_boxes") or [True]), any(batch.get("has_caption") or [True])
 
 
 def all_reasons(counts: dict[str, int], device: torch.device) -> set[str]:

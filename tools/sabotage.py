@@ -271,6 +271,96 @@ SABOTAGES = (
         "if False:",
         ("tests/test_precision.py::test_fp16_is_refused_with_the_alternatives",),
     ),
+    # -------------------------------------------------------------- issue 16: partial labels, mixes
+    Sabotage(
+        "tasks-ignored",
+        "every sample counts as labelled for boxes, whatever its shard record says",
+        r'return "boxes" in tasks, "captions" in tasks and bool\(record\.get\("captions"\)\)',
+        'return True, bool(record.get("captions"))',
+        (
+            "tests/test_data_coco.py::test_record_tasks",
+            "tests/test_data_sources.py::test_mix_batches_carry_labels_per_source_merged_categories_and_counts",
+        ),
+    ),
+    Sabotage(
+        "detector-on-unlabelled-images",
+        "the detector trains on every image of the batch, captions-only ones as all background",
+        r'rows = labelled_rows\(has_boxes, len\(sizes\), "has_boxes"\)',
+        "rows = None",
+        (
+            "tests/test_model_ticod.py::test_a_task_without_labels_in_the_batch_has_zero_loss_and_zero_gradient",
+            "tests/test_model_ticod.py::test_mixed_batch_losses_equal_those_of_the_labelled_images_alone",
+        ),
+    ),
+    Sabotage(
+        "caption-loss-on-uncaptioned-rows",
+        "the caption loss also trains on the empty captions of images without one",
+        r"for i in uncaptioned\[1:\] if stand_in else uncaptioned:",
+        "for i in []:",
+        ("tests/test_model_ticod.py::test_mixed_batch_losses_equal_those_of_the_labelled_images_alone",),
+    ),
+    Sabotage(
+        "detector-stand-in-counts",
+        "a batch without box labels trains the detector on a stand-in image as all background",
+        r"losses = \{name: loss \* 0 for name, loss in losses\.items\(\)\}",
+        "losses = dict(losses)",
+        (
+            "tests/test_model_ticod.py::test_a_task_without_labels_in_the_batch_has_zero_loss_and_zero_gradient",
+        ),
+    ),
+    Sabotage(
+        "absent-task-weight-pulled",
+        "with learned task weights, a task without labels in the batch still pulls its log-variance",
+        r"out\[\"loss\"\] = \(det if present\[0\] else det \* 0\) \+ \(cap if present\[1\] else cap \* 0\)",
+        'out["loss"] = det + cap',
+        ("tests/test_model_ticod.py::test_learned_task_weight_of_an_absent_task_gets_no_gradient",),
+    ),
+    Sabotage(
+        "mix-weights-ignored",
+        "data.sources' weights are not passed to the streams (shards drawn uniformly)",
+        r"weights = shard_weights\(sizes, \[src\.weight for src in sources\]\)\.tolist\(\)",
+        "weights = None",
+        (
+            "tests/test_data_sources.py::test_mix_batches_carry_labels_per_source_merged_categories_and_counts",
+        ),
+    ),
+    Sabotage(
+        "shards-drawn-by-size",
+        "one source draws shards by size: a short last shard's samples come less often",
+        r"self\.p = \(self\.sizes > 0\) / \(self\.sizes > 0\)\.sum\(\)",
+        "self.p = self.sizes / self.sizes.sum()",
+        (
+            "tests/test_data_sources.py::test_one_source_draws_every_shard_equally_often_the_short_last_one_too",
+        ),
+    ),
+    Sabotage(
+        "category-map-ignored",
+        "data.category_map does not rename: differently spelt categories become new classes",
+        r"renames = mapping\.get\(name, \{\}\)",
+        "renames = {}",
+        (
+            "tests/test_data_sources.py::test_label_space_merges_by_name_renames_with_the_map_and_names_unknowns",
+            "tests/test_data_sources.py::test_mix_batches_carry_labels_per_source_merged_categories_and_counts",
+        ),
+    ),
+    Sabotage(
+        "karpathy-without-restval",
+        "the Karpathy train split leaves out restval (82,783 instead of 113,287 images)",
+        r'"train": \("train", "restval"\)',
+        '"train": ("train",)',
+        ("tests/test_shard_coco.py::test_karpathy_captions_only_sizes_from_jpeg_headers",),
+    ),
+    Sabotage(
+        "eval-boxes-on-unlabelled-images",
+        "the ground truth holds images not labelled for boxes: their detections count as false positives",
+        r"        if not has_boxes:\n            continue\n",
+        "",
+        (
+            "tests/test_data_coco.py::test_ground_truth_scores_each_task_only_on_the_images_labelled_for_it",
+            # Needs the real COCO sample: run with TICOD_COCO_SAMPLE=.../coco_sample (the copy has no ../shared).
+            "tests/test_train_mix.py::test_partial_label_mix_trains_and_reports_each_source",
+        ),
+    ),
 )
 
 

@@ -1,4 +1,4 @@
-"""Turn a COCO split (JPEG dir + instances JSON + captions JSON) into WebDataset shards + a manifest.
+"""Turn a COCO split (JPEG dir + instances and/or captions JSON) into WebDataset shards + a manifest.
 
 Run from a checkout; the same as ``ticod-shard-coco`` / ``python -m ticod.shard_coco`` (see ``--help``).
 """

@@ -2,6 +2,11 @@
 
 The shard tool joins instances and captions once, offline, into per-image records (the ``.json`` member
 of a shard sample); the evaluator rebuilds pycocotools-ready ground truth from those records.
+
+A record names what its image is labelled for in ``tasks`` (a subset of :data:`TASKS`, in that order):
+``"boxes"`` with an empty box list is an image annotated to have no objects (a negative), while an image
+not annotated for boxes has no ``"boxes"`` in ``tasks``. Records written before ``tasks`` existed are read
+with :func:`record_tasks`.
 """
 
 from __future__ import annotations
@@ -10,6 +15,13 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+
+PathArg = str | Path
+TASKS = ("boxes", "captions")  # what a record can be labelled for, in the order of its "tasks" list
+# Karpathy split name -> the "split" values of dataset_coco.json it takes (restval is train data).
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
 class CocoFormatError(ValueError):
@@ -21,20 +33,49 @@ INSTANCE_KEYS = {
     "annotations": ("id", "image_id", "category_id", "bbox", "iscrowd"),
     "categories": ("id", "name"),
 }
+# file_name/width/height are required only of images that no instances file has (captions-only images).
 CAPTION_KEYS = {"images": ("id",), "annotations": ("image_id", "caption")}
+CAPTION_IMAGE_KEYS = ("file_name", "width", "height")
+KARPATHY_KEYS = {"images": ("cocoid", "filepath", "filename", "split", "sentences")}
 
 
-def _load(path: str | Path, schema: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+def record_tasks(record: dict[str, Any]) -> tuple[bool, bool]:
+    """``(has_boxes, has_caption)`` of a per-image record.
+
+    Records without ``tasks`` (written before it existed) were all box-labelled. A caption task with an
+    empty caption list counts as no caption: there is nothing to train or score against.
+    """
+    tasks = record.get("tasks")
+    if tasks is None:
+        return True, bool(record["captions"])
+    return "boxes" in tasks, "captions" in tasks and bool(record.get("captions"))
+
+
+def _tasks(has_boxes: bool, has_caption: bool) -> list[str]:
+    return [t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on]
+
+
+def _paths(paths: PathArg | Sequence[PathArg] | None) -> list[Path]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _load(
+    path: str | Path, schema: dict[str, tuple[str, ...]], what: str = "a COCO annotation file"
+) -> dict[str, Any]:
     """Read a COCO JSON file and check the keys we rely on, naming the first one missing."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise CocoFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise CocoFormatError(f"{path}: not a COCO annotation file (top level is {type(data).__name__})")
+        raise CocoFormatError(f"{path}: not {what} (top level is {type(data).__name__})")
     for section, keys in schema.items():
         if section not in data:
-            raise CocoFormatError(f"{path}: not a COCO annotation file: missing top-level key '{section}'")
+            raise CocoFormatError(f"{path}: not {what}: missing top-level key '{section}'")
         if not isinstance(data[section], list):
             raise CocoFormatError(f"{path}: '{section}' must be a list")
         for i, entry in enumerate(data[section]):
@@ -44,68 +85,215 @@ def _load(path: str | Path, schema: dict[str, tuple[str, ...]]) -> dict[str, Any
     return data
 
 
+def _empty_record(image_id: int, file_name: str, width: int, height: int) -> dict[str, Any]:
+    return {
+        "image_id": image_id,
+        "file_name": file_name,
+        "width": width,
+        "height": height,
+        "boxes": [],
+        "category_ids": [],
+        "iscrowd": [],
+        "areas": [],
+        "ann_ids": [],
+        "captions": [],
+    }
+
+
+def _add_image(
+    records: dict[int, dict[str, Any]], origin: dict[int, Path], path: Path, im: dict[str, Any]
+) -> None:
+    """Add an image entry; the same id again (another file of a merge) must describe the same image."""
+    rec = _empty_record(int(im["id"]), str(im["file_name"]), int(im["width"]), int(im["height"]))
+    old = records.get(rec["image_id"])
+    if old is None:
+        records[rec["image_id"]] = rec
+        origin[rec["image_id"]] = path
+    elif [old[k] for k in CAPTION_IMAGE_KEYS] != [rec[k] for k in CAPTION_IMAGE_KEYS]:
+        raise CocoFormatError(
+            f"{path}: image {rec['image_id']} ({rec['file_name']}, {rec['width']}x{rec['height']}) differs "
+            f"from image {rec['image_id']} of {origin[rec['image_id']]} ({old['file_name']}, "
+            f"{old['width']}x{old['height']})"
+        )
+
+
 def load_records(
-    instances_path: str | Path, captions_path: str | Path | None
+    instances_path: PathArg | Sequence[PathArg] | None,
+    captions_path: PathArg | Sequence[PathArg] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Join a COCO instances file and (optionally) a captions file into per-image records.
+    """Join COCO instances and/or captions files into per-image records.
+
+    Several files of a kind merge (e.g. Karpathy's splits take images from train2014 and val2014). Images
+    of an instances file are labelled for boxes (an empty box list is a negative) and take the captions of
+    their id; images only in a captions file are captions-only.
+
+    Args:
+        instances_path: COCO ``instances_*.json`` file(s), or None (a captions-only set).
+        captions_path: COCO ``captions_*.json`` file(s), or None (a boxes-only set).
 
     Returns:
         ``(records, categories)``: records sorted by image id, each in the shard ``.json`` format
         (image_id, file_name, width, height, boxes xywh, category_ids, iscrowd, areas, ann_ids,
-        captions); categories sorted by id (id, name, supercategory).
+        captions, tasks); categories sorted by id (id, name, supercategory), [] without instances.
 
     Raises:
-        CocoFormatError: a file is not COCO, or an annotation refers to an unknown image or category.
+        ValueError: neither kind of file given.
+        CocoFormatError: a file is not COCO, an annotation refers to an unknown image or category, or
+            merged files disagree (same image id, other image; same category id, other category).
     """
-    inst = _load(instances_path, INSTANCE_KEYS)
+    inst_paths, cap_paths = _paths(instances_path), _paths(captions_path)
+    if not inst_paths and not cap_paths:
+        raise ValueError("load_records needs an instances file, a captions file or both")
     records: dict[int, dict[str, Any]] = {}
-    for im in inst["images"]:
-        records[int(im["id"])] = {
-            "image_id": int(im["id"]),
-            "file_name": str(im["file_name"]),
-            "width": int(im["width"]),
-            "height": int(im["height"]),
-            "boxes": [],
-            "category_ids": [],
-            "iscrowd": [],
-            "areas": [],
-            "ann_ids": [],
-            "captions": [],
-        }
-    categories = sorted(
-        (
-            {"id": int(c["id"]), "name": str(c["name"]), "supercategory": str(c.get("supercategory", ""))}
-            for c in inst["categories"]
-        ),
-        key=lambda c: c["id"],
-    )
-    known = {c["id"] for c in categories}
-    for ann in sorted(inst["annotations"], key=lambda a: int(a["id"])):
+    origin: dict[int, Path] = {}  # where each image came from, for merge errors
+    cats: dict[int, dict[str, Any]] = {}
+    instance_anns: list[tuple[Path, dict[str, Any]]] = []
+    for path in inst_paths:
+        inst = _load(path, INSTANCE_KEYS)
+        for im in inst["images"]:
+            _add_image(records, origin, path, im)
+        for c in inst["categories"]:
+            cat = {
+                "id": int(c["id"]),
+                "name": str(c["name"]),
+                "supercategory": str(c.get("supercategory", "")),
+            }
+            if cats.setdefault(cat["id"], cat) != cat:
+                raise CocoFormatError(
+                    f"{path}: category {cat} differs from {cats[cat['id']]} of another file"
+                )
+        instance_anns += [(path, ann) for ann in inst["annotations"]]
+    boxed = set(records)
+    seen: set[int] = set()
+    # Sorted over all files so each image's boxes are in annotation-id order however the files split.
+    for path, ann in sorted(instance_anns, key=lambda pa: int(pa[1]["id"])):
         rec = records.get(int(ann["image_id"]))
         if rec is None:
+            raise CocoFormatError(f"{path}: annotation {ann['id']} refers to unknown image {ann['image_id']}")
+        if int(ann["category_id"]) not in cats:
             raise CocoFormatError(
-                f"{instances_path}: annotation {ann['id']} refers to unknown image {ann['image_id']}"
+                f"{path}: annotation {ann['id']} has unknown category_id {ann['category_id']}"
             )
-        if int(ann["category_id"]) not in known:
-            raise CocoFormatError(
-                f"{instances_path}: annotation {ann['id']} has unknown category_id {ann['category_id']}"
-            )
+        if int(ann["id"]) in seen:  # ann_ids are the ground truth's ids: a duplicate breaks evaluation
+            raise CocoFormatError(f"{path}: annotation id {ann['id']} appears twice")
+        seen.add(int(ann["id"]))
         box = [float(v) for v in ann["bbox"]]
         if len(box) != 4:
-            raise CocoFormatError(f"{instances_path}: annotation {ann['id']} bbox must have 4 numbers")
+            raise CocoFormatError(f"{path}: annotation {ann['id']} bbox must have 4 numbers")
         rec["boxes"].append(box)
         rec["category_ids"].append(int(ann["category_id"]))
         rec["iscrowd"].append(int(ann["iscrowd"]))
         # COCOeval's area ranges use 'area' (mask area), not the box area; keep it when present.
         rec["areas"].append(float(ann.get("area", box[2] * box[3])))
         rec["ann_ids"].append(int(ann["id"]))
-    if captions_path is not None:
-        caps = _load(captions_path, CAPTION_KEYS)
-        for ann in sorted(caps["annotations"], key=lambda a: int(a.get("id", 0))):
-            rec = records.get(int(ann["image_id"]))
-            if rec is not None:  # captions of images not in the instances file are ignored
-                rec["captions"].append(str(ann["caption"]).strip())
-    return [records[k] for k in sorted(records)], categories
+    caption_anns: list[tuple[Path, dict[str, Any]]] = []
+    for path in cap_paths:
+        caps = _load(path, CAPTION_KEYS)
+        for i, im in enumerate(caps["images"]):
+            if int(im["id"]) in boxed:
+                continue
+            missing = [k for k in CAPTION_IMAGE_KEYS if k not in im]
+            if missing:
+                raise CocoFormatError(f"{path}: images[{i}] is missing key '{missing[0]}'")
+            _add_image(records, origin, path, im)
+        caption_anns += [(path, ann) for ann in caps["annotations"]]
+    for path, ann in sorted(caption_anns, key=lambda pa: int(pa[1].get("id", 0))):
+        rec = records.get(int(ann["image_id"]))
+        if rec is None:
+            raise CocoFormatError(
+                f"{path}: caption {ann.get('id', '?')} refers to unknown image {ann['image_id']}"
+            )
+        rec["captions"].append(str(ann["caption"]).strip())
+    for iid, rec in records.items():
+        rec["tasks"] = _tasks(iid in boxed, bool(rec["captions"]))
+    return [records[k] for k in sorted(records)], [cats[k] for k in sorted(cats)]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image's header (no decode); (0, 0) if unreadable: the writer then skips it."""
+    try:
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def load_karpathy(
+    path: PathArg,
+    split: str,
+    instances: PathArg | Sequence[PathArg] | None = None,
+    captions: PathArg | Sequence[PathArg] | None = None,
+    images_dir: PathArg | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Records of one Karpathy split of COCO 2014 (``dataset_coco.json``).
+
+    Args:
+        path: Karpathy's ``dataset_coco.json``.
+        split: "train" (Karpathy's train + restval), "val" or "test".
+        instances: COCO 2014 instances file(s) (train2014 and val2014): boxes, categories and sizes;
+            every image of the split must be in them. Without them the split is captions-only.
+        captions: COCO captions file(s) to take captions from instead of the sentences' raw text.
+        images_dir: The COCO root holding ``train2014/`` and ``val2014/``; image sizes are read from the
+            JPEG headers there when neither instances nor captions files are given.
+
+    Returns:
+        ``(records, categories)`` as :func:`load_records`, sorted by image id; ``file_name`` is
+        ``filepath/filename`` (relative to the COCO root).
+
+    Raises:
+        CocoFormatError: unknown split, not a Karpathy file, or an image of the split missing from the
+            instances (or captions) files.
+        ValueError: sizes are needed from the images but ``images_dir`` is None.
+    """
+    if split not in KARPATHY_SPLITS:
+        raise CocoFormatError(
+            f"{path}: unknown Karpathy split {split!r} (choose from {', '.join(KARPATHY_SPLITS)}; "
+            "train takes train + restval)"
+        )
+    data = _load(path, KARPATHY_KEYS, "a Karpathy dataset_coco.json")
+    picked: dict[int, tuple[int, dict[str, Any]]] = {}
+    for i, im in enumerate(data["images"]):
+        if im["split"] in KARPATHY_SPLITS[split]:
+            if int(im["cocoid"]) in picked:
+                raise CocoFormatError(f"{path}: cocoid {im['cocoid']} appears twice in split {split!r}")
+            picked[int(im["cocoid"])] = (i, im)
+    if not picked:
+        raise CocoFormatError(f"{path}: no images in Karpathy split {split!r}")
+    categories: list[dict[str, Any]] = []
+    base: dict[int, dict[str, Any]] | None = None
+    if instances is not None or captions is not None:
+        recs, categories = load_records(instances, captions)
+        base = {r["image_id"]: r for r in recs}
+        names = [str(p) for p in _paths(instances if instances is not None else captions)]
+        kind = "instances" if instances is not None else "captions"
+        for cid in sorted(picked):
+            # With instances, an image only in a captions file would silently lose its boxes.
+            if cid not in base or (instances is not None and not record_tasks(base[cid])[0]):
+                raise CocoFormatError(
+                    f"{path}: cocoid {cid} of Karpathy split {split!r} is not in the {kind} file(s) {names}"
+                )
+    elif images_dir is None:
+        raise ValueError(
+            "load_karpathy needs images_dir to read image sizes without instances/captions files"
+        )
+    records = []
+    for cid in sorted(picked):
+        i, im = picked[cid]
+        file_name = "/".join(p for p in (str(im["filepath"]), str(im["filename"])) if p)
+        if base is not None:
+            rec = dict(base[cid], file_name=file_name)
+        else:
+            assert images_dir is not None
+            rec = _empty_record(cid, file_name, *_image_size(Path(images_dir) / file_name))
+        if captions is None:
+            sentences = im["sentences"]
+            for j, s in enumerate(sentences):
+                if not isinstance(s, dict) or "raw" not in s:
+                    raise CocoFormatError(f"{path}: images[{i}].sentences[{j}] is missing key 'raw'")
+            rec["captions"] = [str(s["raw"]).strip() for s in sentences]
+        rec["tasks"] = _tasks(instances is not None, bool(rec["captions"]))
+        records.append(rec)
+    return records, categories
 
 
 class CategoryMap:
@@ -141,14 +329,23 @@ class CategoryMap:
 def coco_ground_truth(
     records: Iterable[dict[str, Any]], categories: Sequence[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[int, list[str]]]:
-    """Per-image records -> (COCO instances dict for ``pycocotools.coco.COCO``, image id -> captions)."""
+    """Per-image records -> (COCO instances dict for ``pycocotools.coco.COCO``, image id -> captions).
+
+    Partial labels: the instances hold only the images labelled for boxes (with an empty box list: a
+    negative), the captions only the images labelled for captions; box and caption metrics are then taken
+    over exactly those.
+    """
     images, annotations, refs = [], [], {}
     for rec in records:
         iid = int(rec["image_id"])
+        has_boxes, has_caption = record_tasks(rec)
+        if has_caption:
+            refs[iid] = list(rec["captions"])
+        if not has_boxes:
+            continue
         images.append(
             {"id": iid, "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]}
         )
-        refs[iid] = list(rec["captions"])
         for box, cat, crowd, area, ann_id in zip(
             rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["areas"], rec["ann_ids"], strict=True
         ):

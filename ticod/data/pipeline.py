@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -36,9 +37,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ticod.config import DataConfig
-from ticod.data.coco import CategoryMap
+from ticod.data.coco import CategoryMap, record_tasks
 from ticod.data.plan import StreamPlan, position_after
 from ticod.data.shards import iter_shard, read_manifest, sample_offsets
+from ticod.data.sources import LabelSpace, load_category_map, resolve_sources, shard_weights
 from ticod.data.tokenizer import encode_captions
 from ticod.data.transforms import (
     SizeMismatchError,
@@ -82,6 +84,7 @@ class Shard:
     # Format-2 manifests: byte offset of each sample (then the end), and each image's (width, height).
     byte_offsets: tuple[int, ...] | None = None
     sizes: tuple[tuple[int, int], ...] | None = None
+    source: int = 0  # index of its source in the mix (ticod.data.sources)
 
 
 class StreamStats:
@@ -91,26 +94,32 @@ class StreamStats:
         self.read = 0
         self.bad: Counter[str] = Counter()
         self.fixed: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()  # samples processed per named source (a mix)
 
     def pop(self) -> dict[str, Any]:
         out = {"read": self.read, "bad": dict(self.bad), "fixed": dict(self.fixed)}
+        if self.sources:
+            out["sources"] = dict(self.sources)
         self.__init__()
         return out
 
     def pending(self) -> bool:
-        return bool(self.read or self.bad or self.fixed)
+        return bool(self.read or self.bad or self.fixed or self.sources)
 
 
-def _shards(shards_dir: str, split: str) -> tuple[list[Shard], dict[str, Any]]:
+def _shards(
+    shards_dir: str, split: str, source: int = 0, offset: int = 0
+) -> tuple[list[Shard], dict[str, Any]]:
+    """The split's shards (global sample indices from ``offset`` on, tagged with ``source``) and manifest."""
     manifest = read_manifest(shards_dir, split)
-    shards, offset = [], 0
+    shards = []
     for s in manifest["shards"]:
         n, byte_offsets, sizes = int(s["samples"]), sample_offsets(s), s.get("sizes")
         sizes = (
             tuple((int(w), int(h)) for w, h in sizes) if isinstance(sizes, list) and len(sizes) == n else None
         )
         path = str(Path(shards_dir) / s["name"])
-        shards.append(Shard(path, n, offset, tuple(byte_offsets) if byte_offsets else None, sizes))
+        shards.append(Shard(path, n, offset, tuple(byte_offsets) if byte_offsets else None, sizes, source))
         offset += n
     return shards, manifest
 
@@ -156,6 +165,7 @@ def read_range(
                     break
                 stats.read += 1
                 n += 1
+                sample["__source__"] = shard.source
                 yield shard.offset + first + n - 1, sample
     except Exception as e:
         log.warning("%s: unreadable or truncated shard after %d samples (%s)", shard.path, first + n, e)
@@ -179,16 +189,32 @@ def read_one(shard: Shard, index: int) -> tuple[int, dict[str, Any] | None]:
     start, stop = shard.byte_offsets[index], shard.byte_offsets[index + 1]
     try:
         with contextlib.closing(iter_shard(shard.path, _log_member_error, start, stop)) as it:
-            return shard.offset + index, next(it, None)
+            sample = next(it, None)
+        if sample is not None:
+            sample["__source__"] = shard.source
+        return shard.offset + index, sample
     except Exception:
         return shard.offset + index, None
 
 
 class SampleProcessor:
-    """Raw shard sample -> transformed image, targets, caption text and meta (raises :class:`BadSample`)."""
+    """Raw shard sample -> transformed image, targets, caption text, labelled tasks and meta (raises
+    :class:`BadSample`).
 
-    def __init__(self, cfg: DataConfig, categories: Sequence[dict[str, Any]], *, train: bool) -> None:
+    ``categories``: the label space (labels 1..K). ``sources``: per source of the mix, its name and the map
+    of its category ids onto the label space's (None: the ids are the label space's).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        categories: Sequence[dict[str, Any]],
+        *,
+        train: bool,
+        sources: Sequence[tuple[str, dict[int, int] | None]] = (("", None),),
+    ) -> None:
         self.cmap = CategoryMap(categories)
+        self.sources = list(sources)
         self.train = train
         self.min_sizes = [int(s) for s in cfg.train_min_sizes] if train else [int(cfg.test_min_size)]
         self.max_size = int(cfg.max_size)
@@ -211,11 +237,17 @@ class SampleProcessor:
         return meta
 
     def _targets(
-        self, meta: dict[str, Any], width: int, height: int, stats: StreamStats
+        self,
+        meta: dict[str, Any],
+        width: int,
+        height: int,
+        stats: StreamStats,
+        remap: dict[int, int] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         try:
             boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.tensor([self.cmap.to_label(c) for c in meta["category_ids"]], dtype=torch.int64)
+            ids = meta["category_ids"] if remap is None else [remap[int(c)] for c in meta["category_ids"]]
+            labels = torch.tensor([self.cmap.to_label(c) for c in ids], dtype=torch.int64)
             crowd = torch.tensor([bool(c) for c in meta["iscrowd"]], dtype=torch.bool)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:  # unknown category, ragged boxes
             raise BadSample(BAD_ANNOTATION) from e
@@ -243,6 +275,8 @@ class SampleProcessor:
     ) -> dict[str, Any]:
         """The processed sample; ``min_size``: the short side drawn for its batch (None: drawn here)."""
         meta = self._meta(sample)
+        source, remap = self.sources[int(sample.get("__source__", 0))]
+        has_boxes, has_caption = record_tasks(meta)
         if "jpg" not in sample:
             raise BadSample(MISSING_JPEG)
         try:
@@ -252,7 +286,7 @@ class SampleProcessor:
         except Exception as e:  # PIL raises many types for corrupt data
             raise BadSample(BAD_JPEG) from e
         w, h = image.size
-        boxes, labels = self._targets(meta, w, h, stats)
+        boxes, labels = self._targets(meta, w, h, stats, remap)
         if min_size is None:
             min_size = rng.choice(self.min_sizes)
         image, boxes = resize(image, boxes, min_size, self.max_size)
@@ -260,7 +294,7 @@ class SampleProcessor:
         if flipped:
             image, boxes = hflip(image, boxes)
         keep = keep_nondegenerate(boxes)  # tiny boxes can shrink below a pixel when downscaled
-        captions = list(meta["captions"])
+        captions = list(meta["captions"]) if has_caption else []
         caption = (rng.choice(captions) if self.train else captions[0]) if captions else ""
         if flipped:
             caption = swap_left_right(caption)
@@ -268,7 +302,10 @@ class SampleProcessor:
             "image": to_uint8_tensor(image),
             "target": {"boxes": boxes[keep], "labels": labels[keep]},
             "caption": caption,
+            # Which losses this sample takes part in (a sample without box labels is not a negative).
+            "tasks": (has_boxes, has_caption),
             "meta": {
+                "source": source,
                 "key": key,
                 "image_id": int(meta["image_id"]),
                 "orig_size": (h, w),
@@ -311,6 +348,9 @@ def collate(
         "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
         "targets": targets,
         "captions": captions,
+        # Plain lists: the model indexes its sub-batches with them, no device-to-host read.
+        "has_boxes": [bool(s["tasks"][0]) for s in samples],
+        "has_caption": [bool(s["tasks"][1]) for s in samples],
         "meta": [s["meta"] for s in samples],
         "stats": stats,
     }
@@ -331,6 +371,8 @@ def process_all(
         key = str(sample.get("__key__", "?"))
         try:
             out.append(process(key, sample, rng, stats, min_size))
+            if out[-1]["meta"]["source"]:
+                stats.sources[out[-1]["meta"]["source"]] += 1
         except BadSample as e:
             stats.bad[e.args[0]] += 1
             log.warning("skipping sample %s from %s: %s", key, sample.get("__url__"), e.args[0])
@@ -391,8 +433,10 @@ class _TrainStream(IterableDataset):
         start_batch: int,
         origin: int,
         group_by_aspect: bool,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.shards, self.process, self.batch = shards, process, batch
+        self.weights = None if weights is None else [float(w) for w in weights]  # shard draw weights (a mix)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.start_batch = start_batch
         self.group_by_aspect = group_by_aspect
@@ -408,7 +452,10 @@ class _TrainStream(IterableDataset):
         worker = (physical + self.start_batch) % workers
         # String keys hash with SHA-256 (ticod.data.plan): stable across processes and PYTHONHASHSEED.
         plan = StreamPlan(
-            f"ticod-train:{self.key}:{worker}", [s.samples for s in self.shards], self.shuffle_buffer
+            f"ticod-train:{self.key}:{worker}",
+            [s.samples for s in self.shards],
+            self.shuffle_buffer,
+            self.weights,
         )
         stats = StreamStats()
         # Grouped: raw samples, by the size in their .json; else consecutive (no look-ahead, unlike
@@ -521,7 +568,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Endless training batches of ``cfg.batch_size`` for ``rank`` (see the module doc for the batch format).
 
-    Every (rank, worker) resamples shards (weighted by sample count) and shuffles with its own RNG seeded
+    Every (rank, worker) resamples shards (each sample equally often; a mix: per source weight) and shuffles with its own RNG seeded
     from ``(seed, rank, worker)``, so ranks see different data and a run is reproducible. With
     ``cfg.group_by_aspect`` the shuffled samples are grouped into batches of one aspect-ratio bucket
     (:func:`aspect_bucket`), each batch resized to one drawn short side. Resuming:
@@ -545,9 +592,33 @@ def build_train_loader(
         split: Shard split; ``cfg.train_split`` when None.
     """
     del world_size  # resampling needs no partition: each rank draws its own shard sequence
-    shards, manifest = _shards(cfg.shards_dir, split or cfg.train_split)
-    process = SampleProcessor(cfg, manifest["categories"], train=True)
-    log_buffer_memory(cfg, manifest)
+    sources = resolve_sources(cfg)
+    if split is not None and len(sources) == 1:
+        sources[0] = dataclasses.replace(sources[0], train_split=split)
+    shards, manifests = [], []
+    for i, src in enumerate(sources):
+        got, manifest = _shards(src.shards_dir, src.train_split, i, sum(s.samples for s in shards))
+        shards += got
+        manifests.append(manifest)
+    space = LabelSpace(
+        [(src.name, m["categories"]) for src, m in zip(sources, manifests, strict=True)],
+        load_category_map(cfg.category_map),
+    )
+    remaps = [(src.name, space.to_merged[src.name]) for src in sources]
+    process = SampleProcessor(cfg, space.categories, train=True, sources=remaps)
+    log_buffer_memory(cfg, {"shards": [s for m in manifests for s in m["shards"]]})
+    weights = None  # one source: shards in proportion to their samples, as always
+    if len(sources) > 1:
+        sizes = [[s.samples for s in shards if s.source == i] for i in range(len(sources))]
+        weights = shard_weights(sizes, [src.weight for src in sources]).tolist()
+        log.info(
+            "training mix: %s",
+            ", ".join(
+                f"{src.name} {src.weight / sum(x.weight for x in sources):.0%} of samples "
+                f"({m['total_samples']} in '{src.train_split}')"
+                for src, m in zip(sources, manifests, strict=True)
+            ),
+        )
     stream = _TrainStream(
         shards,
         process,
@@ -559,14 +630,15 @@ def build_train_loader(
         start_batch=start_batch,
         origin=origin,
         group_by_aspect=cfg.group_by_aspect,
+        weights=weights,
     )
     if start_batch and not stream.seekable:
         log.warning(
             "%s: the '%s' manifest has no per-sample byte offsets (written before manifest format 2), so "
             "resuming re-reads every sample this rank drew before the checkpoint; rewrite the shards with "
             "tools/shard_coco.py for a resume that seeks",
-            cfg.shards_dir,
-            split or cfg.train_split,
+            ", ".join(src.shards_dir for src in sources),
+            ", ".join(src.train_split for src in sources),
         )
     return _data_loader(stream, cfg.num_workers)
 

@@ -1,7 +1,7 @@
 """The random decisions of a training stream, and where a stream stands after N batches, without reading it.
 
-A training stream (one rank's dataloader worker) is: shards drawn with replacement, weighted by their
-sample count, read one after the other (the *source*, positions 0, 1, 2, ...); a shuffle buffer of ``B``
+A training stream (one rank's dataloader worker) is: shards drawn with replacement (see :class:`StreamPlan`),
+read one after the other (the *source*, positions 0, 1, 2, ...); a shuffle buffer of ``B``
 slots filled with the first ``B`` source samples, after which step ``e`` takes source sample ``B + e`` in
 and hands one out (*emission* ``e``): the slot its pick names, whose place the new sample takes, or the
 new sample itself when the pick is ``B``. This is webdataset's buffer shuffle (``filters.shuffle``),
@@ -27,14 +27,27 @@ _SHARDS, _PICKS = 0, 1
 
 
 class StreamPlan:
-    """Shard draws and shuffle picks of one stream (``key``), over shards of ``sizes`` samples."""
+    """Shard draws and shuffle picks of one stream (``key``), over shards of ``sizes`` samples.
 
-    def __init__(self, key: str, sizes: Sequence[int], buffer: int) -> None:
+    Shards are drawn in proportion to ``weights`` (a mix of sources, ``ticod.data.sources.shard_weights``),
+    else every non-empty shard equally often: a drawn shard is read whole, so each sample then comes
+    equally often (drawing by size would favour full shards over a split's short last one).
+    """
+
+    def __init__(
+        self, key: str, sizes: Sequence[int], buffer: int, weights: Sequence[float] | None = None
+    ) -> None:
         self.seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if len(self.sizes) == 0 or self.sizes.sum() <= 0 or (self.sizes < 0).any():
             raise ValueError("a training split needs shards with samples")
-        self.p = self.sizes / self.sizes.sum()
+        if weights is None:
+            self.p = (self.sizes > 0) / (self.sizes > 0).sum()
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != self.sizes.shape or (w < 0).any() or w.sum() <= 0:
+                raise ValueError("one non-negative weight per shard, not all zero")
+            self.p = w / w.sum()
         self.buffer = int(buffer)
         self._cached: dict[int, tuple[int, np.ndarray]] = {}
 

@@ -2,7 +2,9 @@
 
 Layout: ``DIR/{split}-000000.tar ...`` plus ``DIR/{split}-manifest.json``. A sample is ``<key>.jpg`` (the
 source JPEG bytes, untouched) and ``<key>.json`` (the record of :func:`ticod.data.coco.load_records`),
-with ``key`` the zero-padded image id. Tar headers carry no times or owners and samples are written
+with ``key`` the zero-padded image id. The record's ``tasks`` says what the image is labelled for (boxes
+and/or captions, see :mod:`ticod.data.coco`): instances-only, captions-only and mixed sets all shard, and
+the manifest counts each kind (``tasks``). Tar headers carry no times or owners and samples are written
 in image-id order from the main process, so the same input gives byte-identical shards whatever the
 number of worker processes. The manifest is written last: a directory without one is an unfinished run.
 
@@ -34,20 +36,31 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ticod.data.coco import TASKS, record_tasks
+
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 2  # 2: per-sample byte offsets (see the module doc)
 SAMPLE_SUFFIXES = ("jpg", "json")  # the only members we write, and the only ones readers look at
-MISSING_CAPTIONS = ("skip", "keep", "error")
+# Box-labelled images without captions: keep as boxes-only samples, skip (counted) or fail.
+MISSING_CAPTIONS = ("keep", "skip", "error")
+# What a written sample is labelled for, as counted in the summary and the manifest's "tasks".
+LABEL_KINDS = ("boxes+captions", "boxes", "captions")
 # Skip reasons, as counted in the summary and the manifest.
 MISSING_IMAGE = "missing image file"
 UNREADABLE = "unreadable JPEG"
 NOT_JPEG = "not a JPEG file"
 NO_CAPTIONS = "no captions"
+NO_LABELS = "no labels"
 
 
 class ShardError(RuntimeError):
     """Shard writing cannot go on (existing output, --strict failure, empty result)."""
+
+
+def label_kind(has_boxes: bool, has_caption: bool) -> str | None:
+    """The :data:`LABEL_KINDS` entry of a record's :func:`~ticod.data.coco.record_tasks`; None: no labels."""
+    return "+".join(t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on) or None
 
 
 def sample_key(image_id: int) -> str:
@@ -118,7 +131,10 @@ def prepare(
 ) -> Prepared:
     """Read and check one image (runs in worker processes)."""
     key = sample_key(record["image_id"])
-    if not record["captions"] and missing_captions != "keep":
+    has_boxes, has_caption = record_tasks(record)
+    if not has_boxes and not has_caption:
+        return Prepared(key, skip=NO_LABELS, detail=f"image {record['image_id']}")
+    if has_boxes and not has_caption and missing_captions != "keep":
         return Prepared(key, skip=NO_CAPTIONS, detail=f"image {record['image_id']}")
     path = Path(images_dir) / record["file_name"]
     try:
@@ -128,6 +144,8 @@ def prepare(
     reason = check_jpeg(data, verify)
     if reason is not None:
         return Prepared(key, skip=reason, detail=str(path))
+    # Written normalised, so readers see tasks also for records made before they existed.
+    record = {**record, "tasks": [t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on]}
     meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
     return Prepared(key, jpg=data, meta=meta)
 
@@ -183,16 +201,20 @@ class ShardSummary:
     boxes: int = 0
     crowd_boxes: int = 0
     captions: int = 0
-    empty_images: int = 0
+    empty_images: int = 0  # box-labelled images without boxes (negatives)
     shards: int = 0
     bytes: int = 0
+    tasks: Counter = field(default_factory=Counter)  # written samples per LABEL_KINDS entry
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # one example per skip reason
 
     def text(self) -> str:
         lines = [
             f"images written: {self.images} in {self.shards} shards ({self.bytes / 2**20:.1f} MiB)",
-            f"boxes: {self.boxes} ({self.crowd_boxes} crowd), images without boxes: {self.empty_images}",
+            f"labels: {self.tasks['boxes+captions']} boxes+captions, {self.tasks['boxes']} boxes only, "
+            f"{self.tasks['captions']} captions only",
+            f"boxes: {self.boxes} ({self.crowd_boxes} crowd), images without boxes (negatives): "
+            f"{self.empty_images}",
             f"captions: {self.captions}",
             f"skipped: {sum(self.skipped.values())}",
         ]
@@ -222,7 +244,7 @@ def write_shards(
     max_shard_bytes: int = 0,
     workers: int = 1,
     strict: bool = False,
-    missing_captions: str = "skip",
+    missing_captions: str = "keep",
     overwrite: bool = False,
     sources: dict[str, Any] | None = None,
     progress: bool = True,
@@ -240,7 +262,8 @@ def write_shards(
         max_shard_bytes: Also start a new shard before exceeding this size (0: no limit).
         workers: Processes reading and checking images; output order does not depend on it.
         strict: Fail on the first missing/unreadable image instead of skipping it.
-        missing_captions: Images without captions: "skip" (counted), "keep" (empty caption list) or "error".
+        missing_captions: Box-labelled images without captions: "keep" (boxes-only samples), "skip"
+            (counted) or "error". Records with no labels at all are skipped and counted ("no labels").
         overwrite: Remove an earlier run's files for ``split`` first, instead of refusing.
         sources: Provenance stored in the manifest (annotation files and their sha256).
         progress: Show a tqdm progress bar.
@@ -269,7 +292,7 @@ def write_shards(
     for path in old:
         path.unlink()
     if missing_captions == "error":
-        bad = next((r for r in records if not r["captions"]), None)
+        bad = next((r for r in records if record_tasks(r) == (True, False)), None)
         if bad is not None:
             raise ShardError(
                 f"image {bad['image_id']} ({bad['file_name']}) has no captions (--missing-captions error)"
@@ -310,11 +333,13 @@ def write_shards(
             if current is None:
                 current = _ShardFile(out / shard_name(split, len(shards)))
             current.add(prep.key, members, (record["width"], record["height"]))
+            has_boxes, has_caption = record_tasks(record)
             summary.images += 1
+            summary.tasks[label_kind(has_boxes, has_caption)] += 1
             summary.boxes += len(record["boxes"])
             summary.crowd_boxes += sum(record["iscrowd"])
             summary.captions += len(record["captions"])
-            summary.empty_images += not record["boxes"]
+            summary.empty_images += has_boxes and not record["boxes"]
         if current is not None:
             shards.append(current.close())
             current = None
@@ -337,6 +362,7 @@ def write_shards(
         "num_boxes": summary.boxes,
         "num_crowd_boxes": summary.crowd_boxes,
         "num_captions": summary.captions,
+        "tasks": {kind: summary.tasks[kind] for kind in LABEL_KINDS},
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
         "jpeg_check": verify,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
@@ -143,8 +144,9 @@ class CaptionDecoder(nn.Module):
         padded_shape: tuple[int, int],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        has_caption: Sequence[bool] | None = None,
     ) -> torch.Tensor:
-        """Teacher-forced mean token cross-entropy.
+        """Teacher-forced mean token cross-entropy over the captioned rows' tokens.
 
         Args:
             maps: Image feature maps (see ``visual_channels``).
@@ -152,11 +154,25 @@ class CaptionDecoder(nn.Module):
             padded_shape: (H, W) of the padded batch.
             input_ids: (B, L) BOS + tokens + EOS, right-padded.
             attention_mask: (B, L), 0 at padding.
+            has_caption: Per row whether it holds a real caption (None: all). The others' tokens are not
+                targets, so the loss equals that of the captioned rows alone; with no captioned row it is
+                an exact 0 that still reaches every weight (see below).
         """
         memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
         # Padding never counts (pad may equal EOS for GPT-2, so the mask decides); GPT-2 shifts labels
         # itself, so BOS at position 0 is an input only and every later token is a target.
         labels = input_ids.masked_fill(attention_mask == 0, -100)
+        uncaptioned: list[int] = []
+        if has_caption is not None:
+            if len(has_caption) != len(input_ids):
+                raise ValueError(f"{len(has_caption)} has_caption flags for {len(input_ids)} captions")
+            uncaptioned = [i for i, has in enumerate(has_caption) if not has]
+        # No captioned row: row 0 stays a stand-in target (its "" caption still has EOS to predict), so that
+        # the loss is finite and every decoder weight takes part in backward (ZeRO reduces each weight's
+        # gradient across ranks and hangs when one is missing); its loss is multiplied by 0 below.
+        stand_in = len(uncaptioned) == len(input_ids)
+        for i in uncaptioned[1:] if stand_in else uncaptioned:
+            labels[i] = -100  # Python-int rows: no host-device sync
         out = self.gpt(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -165,7 +181,7 @@ class CaptionDecoder(nn.Module):
             labels=labels,
             use_cache=False,
         )
-        return out.loss
+        return out.loss * 0 if stand_in else out.loss
 
     @torch.no_grad()
     def generate(

@@ -109,6 +109,21 @@ class Detector(nn.Module):
             losses ``rpn_objectness``, ``rpn_box``, ``stage{i}_cls``, ``stage{i}_box`` (training).
         """
         fpn = self.fpn(backbone_features)
+        detections, losses = self.heads(images, fpn, image_sizes, targets)
+        return fpn, detections, losses
+
+    def heads(
+        self,
+        images: torch.Tensor,
+        fpn: dict[str, torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """RPN and cascade on FPN maps: detections (eval) and losses (training) as :meth:`forward`.
+
+        ``images`` is the padded batch of these maps (same batch size and H, W): the anchors' strides and
+        count per image derive from it.
+        """
         proposals, rpn_losses = self.rpn(ImageList(images, list(image_sizes)), fpn, targets)
         detections, roi_losses = self.roi_heads(fpn, proposals, image_sizes, targets)
         losses = {}
@@ -117,4 +132,4 @@ class Detector(nn.Module):
                 "rpn_objectness": rpn_losses["loss_objectness"],
                 "rpn_box": rpn_losses["loss_rpn_box_reg"],
             }
-        return fpn, detections, {**losses, **roi_losses}
+        return detections, {**losses, **roi_losses}

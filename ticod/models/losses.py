@@ -43,7 +43,13 @@ class LossCombiner(nn.Module):
             self.log_var_det = nn.Parameter(torch.zeros(1))
             self.log_var_cap = nn.Parameter(torch.zeros(1))
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, losses: dict[str, torch.Tensor], present: tuple[bool, bool] = (True, True)
+    ) -> dict[str, torch.Tensor]:
+        """``losses`` plus the weighted parts; ``present``: whether the batch had samples labelled for
+        detection / captioning (partial labels). An absent task's losses are 0 already; with learned task
+        weights its whole term is multiplied by 0 too, so its ``s`` gets a zero gradient rather than a
+        pull towards larger weight from a task that had no data."""
         out = dict(losses)
         if self.task != Task.caption:
             det = losses["rpn_objectness"] + losses["rpn_box"]
@@ -58,9 +64,9 @@ class LossCombiner(nn.Module):
             out["loss"] = out["loss_cap"]
         elif self.balance == Balance.uncertainty:
             s_det, s_cap = self.log_var_det[0], self.log_var_cap[0]
-            out["loss"] = (
-                torch.exp(-s_det) * out["loss_det"] + s_det + torch.exp(-s_cap) * out["loss_cap"] + s_cap
-            )
+            det = torch.exp(-s_det) * out["loss_det"] + s_det
+            cap = torch.exp(-s_cap) * out["loss_cap"] + s_cap
+            out["loss"] = (det if present[0] else det * 0) + (cap if present[1] else cap * 0)
         else:
             out["loss"] = out["loss_det"] + self.caption_weight * out["loss_cap"]
         return out

@@ -128,6 +128,8 @@ class TICOD(nn.Module):
         captions: dict[str, torch.Tensor] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
         orig_sizes: list[tuple[int, int]] | None = None,
+        has_boxes: Sequence[bool] | None = None,
+        has_caption: Sequence[bool] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
         """Losses in train mode, predictions in eval mode.
 
@@ -139,17 +141,24 @@ class TICOD(nn.Module):
             captions: {"input_ids", "attention_mask"} (B, L); needed to train the captioner.
             image_sizes: (h, w) of each image before padding; default: the full batch size.
             orig_sizes: (h, w) of the original images; eval boxes are rescaled to them when given.
+            has_boxes: Per image whether it is labelled for boxes (None: all; a plain list, so selecting
+                images costs no host-device sync). Detection losses come from these images alone, as if
+                the detector ran on that sub-batch; the others' targets are ignored.
+            has_caption: Per image whether it has a caption (None: all); the caption loss is the mean over
+                the captioned images' tokens alone.
 
         Returns:
             Train: named unweighted losses (``rpn_objectness``, ``rpn_box``, ``stage{i}_cls``, ``stage{i}_box``,
-            ``caption``) plus ``loss_det``, ``loss_cap`` and the weighted total ``loss``. Eval: per image
+            ``caption``) plus ``loss_det``, ``loss_cap`` and the weighted total ``loss``; a task with no
+            labelled image in the batch has losses of exactly 0 (its branch still runs, see
+            :meth:`_detection_losses`). Eval (``has_*`` unused): per image
             ``boxes`` (n, 4) xyxy, ``scores``, ``labels`` and/or ``caption_ids`` (and ``caption`` with a tokenizer).
         """
         sizes = self._image_sizes(images, image_sizes)
         padded = pad_to_multiple(self.normalize(images, sizes), self.backbone.size_divisor)
         features = self.backbone(padded)
         if self.training:
-            return self._losses(padded, features, sizes, targets, captions)
+            return self._losses(padded, features, sizes, targets, captions, has_boxes, has_caption)
         return self._predict(padded, features, sizes, orig_sizes)
 
     def _losses(
@@ -159,17 +168,13 @@ class TICOD(nn.Module):
         sizes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None,
         captions: dict[str, torch.Tensor] | None,
+        has_boxes: Sequence[bool] | None,
+        has_caption: Sequence[bool] | None,
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         fpn = None
         if self.detector is not None:
-            if targets is None:
-                raise ValueError("training the detector needs targets")
-            targets = [
-                {"boxes": t["boxes"].reshape(-1, 4).to(torch.float32), "labels": t["labels"].to(torch.int64)}
-                for t in targets
-            ]
-            fpn, _, det_losses = self.detector(padded, features, sizes, targets)
+            fpn, det_losses = self._detection_losses(padded, features, sizes, targets, has_boxes)
             losses.update(det_losses)
         if self.captioner is not None:
             if captions is None:
@@ -180,8 +185,57 @@ class TICOD(nn.Module):
                 tuple(padded.shape[-2:]),
                 captions["input_ids"],
                 captions["attention_mask"],
+                has_caption,
             )
-        return self.loss_combiner(losses)
+        # A task without a labelled image in the batch: its loss is a zero stand-in (see above), and with
+        # learned task weights its log-variance must not be pulled down by it either.
+        present = (has_boxes is None or any(has_boxes), has_caption is None or any(has_caption))
+        return self.loss_combiner(losses, present)
+
+    def _detection_losses(
+        self,
+        padded: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        sizes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None,
+        has_boxes: Sequence[bool] | None,
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """FPN maps of the whole batch (None where only some images are labelled and the captioner does
+        not read them) and the detection losses of the images labelled for boxes, computed on that
+        sub-batch alone: the other images give the RPN and cascade no gradient."""
+        rows = labelled_rows(has_boxes, len(sizes), "has_boxes")
+        if targets is None:
+            raise ValueError("training the detector needs targets")
+        targets = [
+            {"boxes": t["boxes"].reshape(-1, 4).to(torch.float32), "labels": t["labels"].to(torch.int64)}
+            for t in targets
+        ]
+        if rows is None:  # every image labelled: the plain batch
+            fpn, _, losses = self.detector(padded, features, sizes, targets)
+            return fpn, losses
+        # No labelled image: image 0 with an empty target stands in and its losses are multiplied by 0.
+        # The detector must still run and reach every weight: ZeRO 2/3 reduce each weight's gradient across
+        # ranks in buckets (a rank with none hangs or desyncs the others), ZeRO-3 gathers weights at each
+        # module forward, and SyncBN (roi.norm=syncbn) all-reduces statistics in forward, so every rank runs
+        # the same detector forwards. (The stand-in's RoIs do enter the BatchNorm statistics.)
+        stand_in = not rows
+        if stand_in:
+            rows = [0]
+            targets = [
+                {"boxes": padded.new_zeros((0, 4)), "labels": padded.new_zeros((0,), dtype=torch.int64)}
+            ]
+        else:
+            targets = [targets[i] for i in rows]
+        fpn = None
+        if self.fpn_levels:  # the captioner reads the maps of every image
+            fpn = self.detector.fpn(features)
+            sub_fpn = {name: select_rows(x, rows) for name, x in fpn.items()}
+        else:
+            sub_fpn = self.detector.fpn({name: select_rows(x, rows) for name, x in features.items()})
+        _, losses = self.detector.heads(select_rows(padded, rows), sub_fpn, [sizes[i] for i in rows], targets)
+        if stand_in:
+            losses = {name: loss * 0 for name, loss in losses.items()}
+        return fpn, losses
 
     def _predict(
         self,
@@ -254,6 +308,24 @@ class TICOD(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
         return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def labelled_rows(flags: Sequence[bool] | None, batch: int, name: str) -> list[int] | None:
+    """Indices of the True ``flags``; None when every image is labelled (no flags, or all True)."""
+    if flags is None:
+        return None
+    if len(flags) != batch:
+        raise ValueError(f"{len(flags)} {name} flags for a batch of {batch}")
+    rows = [i for i, flag in enumerate(flags) if flag]
+    return None if len(rows) == batch else rows
+
+
+def select_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]`` along dim 0 by Python-int slices (no index tensor to copy to the device); a view when
+    the rows are consecutive."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0] : rows[0] + len(rows)]
+    return torch.cat([x[i : i + 1] for i in rows])
 
 
 def normalize_pixels(

@@ -140,3 +140,11 @@ def test_partial_label_mix_trains_and_reports_each_source(coco_shards, demo_shar
     assert json.loads((step / "metrics.json").read_text())["coco_caps/num_caption_images"] == 6
     card = (run / "export" / "README.md").read_text()
     assert "shapes+coco_boxes+coco_caps" in card and "coco_boxes/train" in card
+
+    # A requeue that resumes the mix goes on; one onto other data says so.
+    more = [f"run_dir={run}", "model.num_classes=86", "max_steps=5", "checkpoint.resume=auto"]
+    reweighted = common[0].replace("weight: 2", "weight: 3")
+    resumed = run_train([*more, reweighted, *common[1:], "eval.at_end=false"])
+    ok(resumed)
+    assert "the training data changed since the checkpoint" in resumed.stderr
+    assert [r["step"] for r in train_log(run)][-1] == 5

@@ -30,7 +30,7 @@ from ticod import engine as engine_lib
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
-from ticod.data.sources import label_space, resolve_sources
+from ticod.data.sources import LabelSpace, load_category_map, resolve_sources
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
@@ -62,6 +62,8 @@ class TrainState:
     bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
     fixed: dict[str, int] = field(default_factory=dict)  # boxes dropped from kept samples, by reason
     sources: dict[str, int] = field(default_factory=dict)  # samples trained on per source of a mix, all ranks
+    # [name, shards_dir, train split, weight, samples] per source: a resume onto other data is named in the log.
+    data: list[list[Any]] = field(default_factory=list)
     eval_failed: int = 0  # evaluations that failed (logged, counted and survived)
     train_time_s: float = 0.0
     # [world size, loader workers, batch size, grad accumulation]. A resume onto another layout (a requeue
@@ -236,13 +238,21 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     tracker = run_preflight(cfg, lambda: Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg)))
     tokenizer = build_tokenizer(cfg.data)
     sources = resolve_sources(cfg.data)
-    space = label_space(cfg.data)  # one source: its own categories
+    # Each train manifest read once here (COCO's is ~12 MB with its offsets; the loader reads it again).
+    manifests = [read_manifest(s.shards_dir, s.train_split) for s in sources]
+    space = LabelSpace(
+        [(s.name, m["categories"]) for s, m in zip(sources, manifests, strict=True)],
+        load_category_map(cfg.data.category_map),
+    )  # one source: its own categories
     categories = space.categories
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    total = sum(read_manifest(s.shards_dir, s.train_split)["total_samples"] for s in sources)
-    plan = resolve_plan(cfg, world_size, total, origin)
+    plan = resolve_plan(cfg, world_size, sum(m["total_samples"] for m in manifests), origin)
+    data = [
+        [s.name, s.shards_dir, s.train_split, s.weight, m["total_samples"]]
+        for s, m in zip(sources, manifests, strict=True)
+    ]
     if len(categories) != cfg.model.num_classes:
         where = ", ".join(s.shards_dir for s in sources)
         raise ConfigError(
@@ -259,9 +269,17 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
     seed_everything(cfg.seed + 1000 * rank + origin[0])
 
-    state = TrainState(layout=layout)
+    state = TrainState(layout=layout, data=data)
     if resume is not None:
         state = load_resume(engine, resume, layout, universal=universal, rank=rank)
+        if state.data and state.data != data:
+            log.warning(
+                "the training data changed since the checkpoint (%s -> %s): the streams go on from the "
+                "same positions over the new shard list, not over the data an uninterrupted run would read",
+                state.data,
+                data,
+            )
+        state.data = data
     elif cfg.checkpoint.resume == "auto":
         log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
     if rank == 0:

@@ -14,8 +14,15 @@ from ticod.config import load_config
 from ticod.data.coco import load_records
 from ticod.data.pipeline import build_train_loader
 from ticod.data.plan import StreamPlan
-from ticod.data.shards import write_shards
-from ticod.data.sources import LabelSpace, SourceError, label_space, shard_weights
+from ticod.data.shards import read_manifest, write_shards
+from ticod.data.sources import (
+    LabelSpace,
+    SourceError,
+    label_space,
+    resolve_sources,
+    shard_weights,
+    source_category_ids,
+)
 from ticod.data.tokenizer import load_tokenizer
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
@@ -50,6 +57,13 @@ def mix(demo_coco_dir: Path, demo_shards_dir: Path, tmp_path_factory: pytest.Tem
     return {"root": root, "sources": sources, "map": root / "map.yaml", "tok": demo_shards_dir / "tokenizer"}
 
 
+def train_label_space(cfg) -> LabelSpace:
+    sources = resolve_sources(cfg)
+    return label_space(
+        sources, [read_manifest(s.shards_dir, s.train_split) for s in sources], cfg.category_map
+    )
+
+
 def test_shard_weights_give_each_source_its_share_and_its_samples_equal_chances() -> None:
     sizes, weights = [[100, 100, 50], [10, 7], [100, 100]], [3.0, 1.0, 0.5]
     p = shard_weights(sizes, weights)
@@ -81,7 +95,10 @@ def test_label_space_merges_by_name_renames_with_the_map_and_names_unknowns() ->
         (20, "kite"),
     ]
     assert space.to_merged == {"coco": {1: 1, 3: 3, 18: 18}, "o365": {1: 1, 2: 19, 5: 20}, "web": {}}
-    assert space.source_categories("o365") == {1: 1, 19: 2, 20: 5}
+    # Evaluating o365 scores labels in its own ids, by name from the merged categories.
+    assert source_category_ids(space.categories, other, {"Person": "person"}) == [1, None, None, 2, 5]
+    with pytest.raises(SourceError, match="'Kite' of the source is not among the model's categories"):
+        source_category_ids(space.categories, [{"id": 9, "name": "Kite"}], {})
     assert "2 from o365: 'automobile', 'kite'" in space.describe()
 
     mapped = LabelSpace(
@@ -97,7 +114,7 @@ def test_label_space_merges_by_name_renames_with_the_map_and_names_unknowns() ->
 def test_mix_batches_carry_labels_per_source_merged_categories_and_counts(mix: dict) -> None:
     over = [mix["sources"], f"data.category_map={mix['map']}", *SIZES, "data.num_workers=0"]
     cfg = load_config(overrides=over).data
-    space = label_space(cfg)
+    space = train_label_space(cfg)
     assert [c["name"] for c in space.categories] == [
         "circle",
         "square",
@@ -133,7 +150,7 @@ def test_mix_batches_carry_labels_per_source_merged_categories_and_counts(mix: d
         assert labels["boxes", image_id] == labels["shapes", image_id]
 
     # Without the map the renamed categories are new ones: the training's num_classes check names them.
-    plain = label_space(load_config(overrides=[mix["sources"]]).data)
+    plain = train_label_space(load_config(overrides=[mix["sources"]]).data)
     assert len(plain.categories) == 8 and "2 from boxes: 'round', 'box'" in plain.describe()
 
 

@@ -511,22 +511,25 @@ def run_evaluation(
     source is scored in its own categories (``categories`` is the merged label space). Call on every rank.
     Caller sets eval mode / autocast as it wants; see :func:`evaluate` (``synced``).
     """
-    from ticod.data.sources import label_space, resolve_sources
+    from ticod.data.shards import read_manifest
+    from ticod.data.sources import SourceError, load_category_map, resolve_sources, source_category_ids
 
     if not cfg.data.sources:
         category_ids, category_names = label_categories(categories)
         return _evaluate_split(
             model, cfg, tokenizer, category_ids, category_names, rank, world_size, device, out_dir, synced
         )
-    space = label_space(cfg.data)
+    renames = load_category_map(cfg.data.category_map)
     merged = sorted(categories, key=lambda c: int(c["id"]))
-    if [int(c["id"]) for c in merged] != [int(c["id"]) for c in space.categories]:
-        raise ValueError("the model's categories are not the label space of data.sources")
     result = EvalResult({})
     for src in resolve_sources(cfg.data):
         if not src.val_split:
             continue
-        own = space.source_categories(src.name)
+        own = read_manifest(src.shards_dir, src.val_split)["categories"]
+        try:
+            category_ids = source_category_ids(merged, own, renames.get(src.name, {}))
+        except SourceError as e:
+            raise ValueError(f"source {src.name!r}: {e}: the model was not trained on this mix") from None
         one = OmegaConf.merge(
             cfg,
             {"data": {"sources": [], "shards_dir": src.shards_dir, "val_split": src.val_split}},
@@ -535,7 +538,7 @@ def run_evaluation(
             model,
             one,  # type: ignore[arg-type]
             tokenizer,
-            [own.get(int(c["id"])) for c in merged],
+            category_ids,
             [str(c["name"]) for c in merged],
             rank,
             world_size,

@@ -59,10 +59,11 @@ def _manifests(cfg: Config) -> dict[str, dict[str, Any] | str]:
     out: dict[str, dict[str, Any] | str] = {}
     for src in resolve_sources(cfg.data):
         for split in dict.fromkeys(s for s in (src.train_split, src.val_split) if s):
+            key = f"{src.name}/{split}" if src.name else split
             try:
-                out[f"{src.name}/{split}" if src.name else split] = read_manifest(src.shards_dir, split)
+                out[key] = read_manifest(src.shards_dir, split)
             except (FileNotFoundError, ValueError) as e:
-                out[f"{src.name}/{split}" if src.name else split] = str(e)
+                out[key] = str(e)
     return out
 
 

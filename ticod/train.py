@@ -30,11 +30,12 @@ from ticod import engine as engine_lib
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
-from ticod.data.sources import LabelSpace, load_category_map, resolve_sources
+from ticod.data.sources import label_space, resolve_sources
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
 from ticod.model_card import write_model_card
+from ticod.models.ticod import labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from ticod.preflight import PreflightError, run_preflight
 from ticod.tracker import Tracker, setup_console_logging
@@ -240,10 +241,7 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     sources = resolve_sources(cfg.data)
     # Each train manifest read once here (COCO's is ~12 MB with its offsets; the loader reads it again).
     manifests = [read_manifest(s.shards_dir, s.train_split) for s in sources]
-    space = LabelSpace(
-        [(s.name, m["categories"]) for s, m in zip(sources, manifests, strict=True)],
-        load_category_map(cfg.data.category_map),
-    )  # one source: its own categories
+    space = label_space(sources, manifests, cfg.data.category_map)  # one source: its own categories
     categories = space.categories
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
@@ -465,7 +463,6 @@ class Window:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.had: dict[str, int] = defaultdict(int)  # micro-batches with labels for each loss's task
-        self.micro = 0
         self.samples = 0
         self.read = 0
         self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>", "fixed/<reason>", "sources/<name>"
@@ -482,7 +479,6 @@ class Window:
             v = v.detach().to(torch.float64)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.had[k] += loss_task_present(k, present)
-        self.micro += 1
         self.samples += batch_size
 
     def add_stats(self, stats: dict) -> None:
@@ -499,9 +495,7 @@ class Window:
         keys = sorted(self.sums)
         reasons = sorted(all_reasons(self.counts, device))
         counts = torch.tensor(
-            [self.micro, self.samples, self.read]
-            + [self.counts[r] for r in reasons]
-            + [self.had[k] for k in keys],
+            [self.samples, self.read] + [self.counts[r] for r in reasons] + [self.had[k] for k in keys],
             dtype=torch.float64,
         )
         losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
@@ -510,8 +504,8 @@ class Window:
             dist.all_reduce(vec)
         values = vec.tolist()
         n = len(keys)
-        samples, read = int(values[n + 1]), int(values[n + 2])  # values[n]: micro-batches (= had["loss"])
-        had = values[n + 3 + len(reasons) :]
+        samples, read = int(values[n]), int(values[n + 1])
+        had = values[n + 2 + len(reasons) :]
         # A task's mean over the micro-batches that had its labels (all of them, without partial labels);
         # none in the window on any rank: not logged.
         out: dict[str, Any] = {k: values[i] / had[i] for i, k in enumerate(keys) if had[i]}
@@ -521,7 +515,7 @@ class Window:
         out["bad"], out["fixed"], out["sources"] = {}, {}, {}
         for i, key in enumerate(reasons):
             kind, reason = key.split("/", 1)
-            out[kind][reason] = int(values[n + 3 + i])
+            out[kind][reason] = int(values[n + 2 + i])
         return out
 
 
@@ -536,8 +530,8 @@ def loss_task_present(key: str, present: tuple[bool, bool]) -> bool:
 
 
 def tasks_present(batch: dict) -> tuple[bool, bool]:
-    """(any image labelled for boxes, any with a caption) of a batch; batches without the flags: both."""
-    return any(batch.get("has_boxes") or [True]), any(batch.get("has_caption") or [True])
+    """(any image labelled for boxes, any with a caption) of a batch, as the model decides it."""
+    return labelled_tasks(batch.get("has_boxes"), batch.get("has_caption"))
 
 
 def all_reasons(counts: dict[str, int], device: torch.device) -> set[str]:

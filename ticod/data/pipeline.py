@@ -40,7 +40,7 @@ from ticod.config import DataConfig
 from ticod.data.coco import CategoryMap, record_tasks
 from ticod.data.plan import StreamPlan, position_after
 from ticod.data.shards import iter_shard, read_manifest, sample_offsets
-from ticod.data.sources import LabelSpace, load_category_map, resolve_sources, shard_weights
+from ticod.data.sources import label_space, resolve_sources, shard_weights
 from ticod.data.tokenizer import encode_captions
 from ticod.data.transforms import (
     SizeMismatchError,
@@ -568,7 +568,8 @@ def build_train_loader(
 ) -> DataLoader:
     """Endless training batches of ``cfg.batch_size`` for ``rank`` (see the module doc for the batch format).
 
-    Every (rank, worker) resamples shards (each sample equally often; a mix: per source weight) and shuffles with its own RNG seeded
+    Every (rank, worker) resamples shards (each sample equally often; a mix: by source weight) and shuffles
+    with its own RNG seeded
     from ``(seed, rank, worker)``, so ranks see different data and a run is reproducible. With
     ``cfg.group_by_aspect`` the shuffled samples are grouped into batches of one aspect-ratio bucket
     (:func:`aspect_bucket`), each batch resized to one drawn short side. Resuming:
@@ -600,14 +601,11 @@ def build_train_loader(
         got, manifest = _shards(src.shards_dir, src.train_split, i, sum(s.samples for s in shards))
         shards += got
         manifests.append(manifest)
-    space = LabelSpace(
-        [(src.name, m["categories"]) for src, m in zip(sources, manifests, strict=True)],
-        load_category_map(cfg.category_map),
-    )
+    space = label_space(sources, manifests, cfg.category_map)
     remaps = [(src.name, space.to_merged[src.name]) for src in sources]
     process = SampleProcessor(cfg, space.categories, train=True, sources=remaps)
     log_buffer_memory(cfg, {"shards": [s for m in manifests for s in m["shards"]]})
-    weights = None  # one source: shards in proportion to their samples, as always
+    weights = None  # one source: every shard equally often (StreamPlan's default)
     if len(sources) > 1:
         sizes = [[s.samples for s in shards if s.source == i] for i in range(len(sources))]
         weights = shard_weights(sizes, [src.weight for src in sources]).tolist()

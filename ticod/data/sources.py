@@ -16,7 +16,6 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ticod.config import DataConfig
-from ticod.data.shards import read_manifest
 
 
 class SourceError(ValueError):
@@ -122,13 +121,6 @@ class LabelSpace:
             "one name with data.category_map"
         )
 
-    def source_categories(self, name: str) -> dict[int, int]:
-        """{merged category id: the source's category id} (the first where several were merged into one)."""
-        out: dict[int, int] = {}
-        for own, merged in sorted(self.to_merged[name].items()):
-            out.setdefault(merged, own)
-        return out
-
 
 def load_category_map(path: str) -> dict[str, dict[str, str]]:
     """``data.category_map``: a YAML/JSON mapping {source: {name: merged name}} ({} for "")."""
@@ -145,8 +137,31 @@ def load_category_map(path: str) -> dict[str, dict[str, str]]:
     return {str(k): dict(v) for k, v in data.items()}
 
 
-def label_space(cfg: DataConfig) -> LabelSpace:
-    """The merged label space of the configured sources' training splits."""
-    sources = resolve_sources(cfg)
-    cats = [(s.name, read_manifest(s.shards_dir, s.train_split)["categories"]) for s in sources]
-    return LabelSpace(cats, load_category_map(cfg.category_map))
+def label_space(
+    sources: Sequence[Source], manifests: Sequence[dict[str, Any]], category_map: str
+) -> LabelSpace:
+    """The merged label space of the sources, from their train manifests (read once by the caller)."""
+    cats = [(s.name, m["categories"]) for s, m in zip(sources, manifests, strict=True)]
+    return LabelSpace(cats, load_category_map(category_map))
+
+
+def source_category_ids(
+    merged: Sequence[dict[str, Any]], own: Sequence[dict[str, Any]], renames: dict[str, str]
+) -> list[int | None]:
+    """Per merged category in id order (labels 1..K): the id of the source category renamed onto it (the
+    lowest where several were), None where the source has none: what scores the source in its own ids.
+
+    Derived by name from the model's categories and the source's own (its val manifest's), so evaluating
+    needs no train manifest.
+
+    Raises:
+        SourceError: a category of the source is not among the merged ones (a model of another mix).
+    """
+    names = {str(c["name"]) for c in merged}
+    ids: dict[str, int] = {}
+    for c in sorted(own, key=lambda c: int(c["id"])):
+        name = str(renames.get(str(c["name"]), c["name"]))
+        if name not in names:
+            raise SourceError(f"category {name!r} of the source is not among the model's categories")
+        ids.setdefault(name, int(c["id"]))
+    return [ids.get(str(c["name"])) for c in sorted(merged, key=lambda c: int(c["id"]))]

@@ -189,8 +189,7 @@ class TICOD(nn.Module):
             )
         # A task without a labelled image in the batch: its loss is a zero stand-in (see above), and with
         # learned task weights its log-variance must not be pulled down by it either.
-        present = (has_boxes is None or any(has_boxes), has_caption is None or any(has_caption))
-        return self.loss_combiner(losses, present)
+        return self.loss_combiner(losses, labelled_tasks(has_boxes, has_caption))
 
     def _detection_losses(
         self,
@@ -308,6 +307,11 @@ class TICOD(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
         return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def labelled_tasks(has_boxes: Sequence[bool] | None, has_caption: Sequence[bool] | None) -> tuple[bool, bool]:
+    """Whether a batch has any image labelled for boxes / with a caption (None flags: every image is)."""
+    return has_boxes is None or any(has_boxes), has_caption is None or any(has_caption)
 
 
 def labelled_rows(flags: Sequence[bool] | None, batch: int, name: str) -> list[int] | None:

@@ -12,6 +12,7 @@ with :func:`record_tasks`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,24 @@ def load_records(
     for iid, rec in records.items():
         rec["tasks"] = _tasks(iid in boxed, bool(rec["captions"]))
     return [records[k] for k in sorted(records)], [cats[k] for k in sorted(cats)]
+
+
+def annotation_description(path: PathArg, prefix_bytes: int = 1 << 16) -> str:
+    """``info.description`` of a COCO JSON file ("COCO 2017 Dataset"), or "" where it has none.
+
+    Read from the file's first ``prefix_bytes`` only (COCO files start with ``info``), so a 450 MB
+    instances file is not parsed a second time.
+    """
+    with open(path, "rb") as f:
+        head = f.read(prefix_bytes).decode("utf-8", errors="ignore")
+    start = re.match(r'\s*\{\s*"info"\s*:\s*', head)
+    if start is None:
+        return ""
+    try:
+        info, _ = json.JSONDecoder().raw_decode(head, start.end())
+    except json.JSONDecodeError:
+        return ""
+    return str(info.get("description", "")) if isinstance(info, dict) else ""
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -249,6 +249,7 @@ def write_shards(
     sources: dict[str, Any] | None = None,
     progress: bool = True,
     verify: str = "decode",
+    dataset: str = "",
 ) -> tuple[dict[str, Any], ShardSummary]:
     """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
 
@@ -268,6 +269,7 @@ def write_shards(
         sources: Provenance stored in the manifest (annotation files and their sha256).
         progress: Show a tqdm progress bar.
         verify: JPEG check before packing, "decode" or "header" (see :func:`check_jpeg`).
+        dataset: The dataset's public name (model cards), stored in the manifest when given.
 
     Returns:
         The manifest (as written) and a summary.
@@ -365,6 +367,7 @@ def write_shards(
         "tasks": {kind: summary.tasks[kind] for kind in LABEL_KINDS},
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
+        **({"dataset": dataset} if dataset else {}),
         "jpeg_check": verify,
         "created_by": "tools/shard_coco.py",
     }

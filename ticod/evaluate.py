@@ -478,7 +478,7 @@ def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, 
     instances: dict[str, Any] | None = None
     refs: dict[int, list[str]] = {}
     if not (instances_json and captions_json):
-        from ticod.data.coco import ground_truth_from_shards
+        from ticod.data.shards import ground_truth_from_shards
 
         instances, refs = ground_truth_from_shards(shards_dir, split)
     if instances_json:

@@ -34,10 +34,11 @@ Exit status: 0 on success, 1 on a data error (message on stderr).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from ticod.data.coco import CocoFormatError, load_karpathy, load_records
+from ticod.data.coco import CocoFormatError, annotation_description, load_karpathy, load_records
 from ticod.data.shards import MISSING_CAPTIONS, VERIFY_MODES, ShardError, sha256_file, write_shards
 
 
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--karpathy", metavar="PATH", help="Karpathy dataset_coco.json: write its --split (train/val/test)"
     )
     p.add_argument("--out", required=True, help="output directory for shards and manifest")
+    p.add_argument(
+        "--dataset",
+        default="",
+        help="the dataset's public name, kept in the manifest for model cards (default: from the annotation "
+        "file's info.description, 'COCO 2017 Dataset' -> coco)",
+    )
     p.add_argument(
         "--split",
         default="train",
@@ -109,6 +116,20 @@ def _sources(a: argparse.Namespace) -> dict[str, object]:
     return sources
 
 
+def dataset_name(a: argparse.Namespace) -> str:
+    """``--dataset``, else a slug of the first annotation file's ``info.description`` (years and the word
+    "dataset" dropped: "COCO 2017 Dataset" -> "coco"), else the name of the images' folder."""
+    if a.dataset:
+        return a.dataset
+    for path in [*(a.instances or []), *(a.captions or [])]:
+        words = re.findall(r"[a-z0-9]+", annotation_description(path).split("(")[0].lower())
+        words = [w for w in words if w != "dataset" and not re.fullmatch(r"(19|20)\d\d", w)]
+        if words:
+            return "-".join(words)
+    images = Path(a.images).resolve()
+    return images.name if a.karpathy else images.parent.name  # the COCO root / coco/train2017 -> coco
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
@@ -119,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.limit:
             records = records[: a.limit]
         sources = _sources(a)
+        dataset = dataset_name(a)
         manifest, summary = write_shards(
             records,
             categories,
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             sources=sources,
             progress=not a.no_progress,
             verify=a.verify,
+            dataset=dataset,
         )
     except (CocoFormatError, ShardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,8 +37,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ticod.config import DataConfig
-from ticod.data.coco import CategoryMap, record_tasks
+from ticod.data.coco import CategoryMap
 from ticod.data.plan import StreamPlan, position_after
+from ticod.data.records import record_tasks
 from ticod.data.shards import (
     DAMAGED_SAMPLE,
     TRUNCATED_SHARD,

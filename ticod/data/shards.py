@@ -3,7 +3,7 @@
 Layout: ``DIR/{split}-000000.tar ...`` plus ``DIR/{split}-manifest.json``. A sample is ``<key>.jpg`` (the
 source JPEG bytes, untouched) and ``<key>.json`` (the record of :func:`ticod.data.coco.load_records`),
 with ``key`` the zero-padded image id. The record's ``tasks`` says what the image is labelled for (boxes
-and/or captions, see :mod:`ticod.data.coco`): instances-only, captions-only and mixed sets all shard, and
+and/or captions, see :mod:`ticod.data.records`): instances-only, captions-only and mixed sets all shard, and
 the manifest counts each kind (``tasks``). Tar headers carry no times or owners and samples are written
 in image-id order from the main process, so the same input gives byte-identical shards whatever the
 number of worker processes. The manifest is written last: a directory without one is an unfinished run.
@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ticod.data.coco import TASKS, record_tasks
+from ticod.data.records import coco_ground_truth, record_tasks, task_list
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class ShardError(RuntimeError):
 
 
 def label_kind(has_boxes: bool, has_caption: bool) -> str | None:
-    """The :data:`LABEL_KINDS` entry of a record's :func:`~ticod.data.coco.record_tasks`; None: no labels."""
-    return "+".join(t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on) or None
+    """The :data:`LABEL_KINDS` entry of a record's :func:`~ticod.data.records.record_tasks`; None: no labels."""
+    return "+".join(task_list(has_boxes, has_caption)) or None
 
 
 def sample_key(image_id: int) -> str:
@@ -147,7 +147,7 @@ def prepare(
     if reason is not None:
         return Prepared(key, skip=reason, detail=str(path))
     # Written normalised, so readers see tasks also for records made before they existed.
-    record = {**record, "tasks": [t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on]}
+    record = {**record, "tasks": task_list(has_boxes, has_caption)}
     meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
     return Prepared(key, jpg=data, meta=meta)
 
@@ -251,6 +251,7 @@ def write_shards(
     sources: dict[str, Any] | None = None,
     progress: bool = True,
     verify: str = "decode",
+    dataset: str = "",
 ) -> tuple[dict[str, Any], ShardSummary]:
     """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
 
@@ -270,6 +271,7 @@ def write_shards(
         sources: Provenance stored in the manifest (annotation files and their sha256).
         progress: Show a tqdm progress bar.
         verify: JPEG check before packing, "decode" or "header" (see :func:`check_jpeg`).
+        dataset: The dataset's public name (model cards), stored in the manifest when given.
 
     Returns:
         The manifest (as written) and a summary.
@@ -367,6 +369,7 @@ def write_shards(
         "tasks": {kind: summary.tasks[kind] for kind in LABEL_KINDS},
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
+        **({"dataset": dataset} if dataset else {}),
         "jpeg_check": verify,
         "created_by": "tools/shard_coco.py",
     }
@@ -521,3 +524,14 @@ def _json_members(path: str, spans: Sequence[Sequence[int]]) -> Iterator[dict[st
                 yield json.loads(data)
             except ValueError as e:  # a truncated or damaged shard
                 log.warning("%s: the .json at byte %d is not readable (%s)", path, offset, e)
+
+
+def ground_truth_from_shards(
+    shards_dir: str | Path, split: str
+) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    """COCO ground truth (instances dict, image id -> captions) rebuilt from a split's shards.
+
+    Reads only the ``.json`` members; unreadable ones are skipped (the eval loader counts them as bad).
+    """
+    manifest = read_manifest(shards_dir, split)
+    return coco_ground_truth(iter_shard_records(shards_dir, split), manifest["categories"])

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
@@ -461,6 +462,9 @@ def evaluate(
         render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
     ]
     tables = {"per_class": per_class_table(per_class)} if per_class else {}
+    if rank == 0 and samples:  # the page of sample predictions, and its wandb table
+        drawn = [(im, rec) for (im, _), (_, _, rec) in zip(sample_images, samples, strict=True)]
+        _, tables["samples"] = write_caption_page(out_dir, drawn, gt.captions)
     return EvalResult(metrics, sample_images, tables)
 
 

@@ -149,3 +149,10 @@ def test_roberta_tokenizer_keeps_bert_score_prefix_space(tmp_path):
     assert sent_encode(scorer._tokenizer, "") == scorer._tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
     _, _, f = scorer.score(["a dog", ""], [["a dog on a couch"], ["a man"]])
     assert float(f[1]) == 0.0 and 0.0 < float(f[0]) <= 1.0
+
+
+def test_distinct_captions_counts_different_generated_captions():
+    """The collapse signal: one sentence for every image is 1 distinct caption, whatever BLEU says."""
+    assert caption_metrics(REFS, HYPS, bertscore_model=None)["distinct_captions"] == 3
+    same = dict.fromkeys(HYPS, "a man riding a horse on the beach")
+    assert caption_metrics(REFS, same, bertscore_model=None)["distinct_captions"] == 1

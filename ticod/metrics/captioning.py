@@ -175,9 +175,12 @@ def caption_metrics(
             caller check the BERTScore settings before a long evaluation).
 
     Returns:
-        ``COCO_CAPTION_KEYS`` and ``BERTSCORE_KEYS`` -> float, and "bertscore" -> :func:`bertscore_info`.
+        ``COCO_CAPTION_KEYS`` and ``BERTSCORE_KEYS`` -> float, "distinct_captions" -> how many different
+        captions were generated (far below the number of images: the captioner ignores the image, which the
+        n-gram metrics hide), and "bertscore" -> :func:`bertscore_info`.
     """
     out: dict[str, Any] = coco_caption_scores(refs, hyps)
+    out["distinct_captions"] = len(set(hyps.values()))
     if scorer is None and bertscore_model:
         scorer = load_bertscorer(bertscore_model, num_layers, rescale_with_baseline, lang, device)
     if scorer is not None:

@@ -12,8 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from test_reliability import train_env
-from test_train import FAST, ok
+from helpers import FAST, ok, train_env
 
 import ticod
 from ticod.config import SHIPPED_CONFIGS, ConfigError, load_config, to_dict

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import ok, run_killing_group, run_train, train_log
+from helpers import ok, run_killing_group, run_train, train_log
 
 from ticod.shard_coco import main as shard_coco
 

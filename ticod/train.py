@@ -662,6 +662,7 @@ class Evaluator:
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         tracker.log(step, metrics, prefix="eval/")
         tracker.log_images(step, "eval/predictions", result.sample_images)
+        tracker.log_tables(step, result.tables, prefix="eval/")
         return metrics
 
 

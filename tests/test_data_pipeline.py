@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch_keys
+from helpers import batch_keys, data_cfg
 from pycocotools.coco import COCO
 
-from ticod.config import DataConfig, load_config
 from ticod.data import shards as shards_module
 from ticod.data.coco import CategoryMap, load_records
 from ticod.data.pipeline import (
@@ -29,12 +28,6 @@ from ticod.data.pipeline import (
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
 from ticod.data.transforms import resize_size, swap_left_right
-
-SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
-
-
-def data_cfg(shards: Path, *overrides: str) -> DataConfig:
-    return load_config(overrides=[f"data.shards_dir={shards}", *SIZES, *overrides]).data
 
 
 def quiet_coco(path: Path) -> COCO:

@@ -1,17 +1,23 @@
-"""Tiny random-init TICOD models for CPU tests: one place for their settings, a word tokenizer and a batch.
+"""Tiny random-init TICOD models for CPU tests: one place for their settings, a word tokenizer, a training
+batch, and eval batches with ground truth made from the model's own predictions.
 
 Test modules import from here, never from one another (see helpers.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
+from pycocotools.coco import COCO
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from ticod.config import Config, load_config
+from ticod.evaluate import GroundTruth, to_records
 from ticod.models import TICOD
 
 NUM_CLASSES = 4
@@ -128,3 +134,81 @@ def partially_labelled(b: dict, has_boxes: list[bool], has_caption: list[bool]) 
     targets = [t if has else empty for t, has in zip(b["targets"], has_boxes, strict=True)]
     captions = {"input_ids": ids, "attention_mask": mask}
     return {**b, "targets": targets, "captions": captions, "has_boxes": has_boxes, "has_caption": has_caption}
+
+
+# ------------------------------------------------------------------------- evaluation
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+NUM_IMAGES, BATCH = 7, 2  # 4 batches: ranks get uneven shares under world size 2 only by images (2+2 / 2+1)
+
+
+def make_batches() -> list[dict]:
+    """Collated eval batches (the data interface) of random images of varied sizes; ids 1000, 1001, ..."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for start in range(0, NUM_IMAGES, BATCH):
+        ids = list(range(1000 + start, 1000 + min(start + BATCH, NUM_IMAGES)))
+        sizes = [(48 + 8 * (i % 3), 64 + 4 * (i % 4)) for i in ids]
+        images = torch.zeros(len(ids), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+        for j, (h, w) in enumerate(sizes):
+            images[j, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        meta = [
+            {
+                "key": f"{i:012d}",
+                "image_id": i,
+                "orig_size": (2 * h, 2 * w),  # the originals were downscaled by 2
+                "scale": 0.5,
+                "flipped": False,
+                "captions": [],
+            }
+            for i, (h, w) in zip(ids, sizes, strict=True)
+        ]
+        batches.append(
+            {"images": images, "image_sizes": sizes, "meta": meta, "stats": {"read": len(ids), "bad": {}}}
+        )
+    return batches
+
+
+def predict_batches(model: TICOD, batches: list[dict]) -> list[list[dict]]:
+    """The model's records of each batch, in this process (the reference)."""
+    with torch.no_grad():
+        return [
+            to_records(
+                model(
+                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
+                ),
+                b["meta"],
+                word_tokenizer(),
+            )
+            for b in batches
+        ]
+
+
+def ground_truth_from(records: list[dict]) -> GroundTruth:
+    """GT that matches part of the given predictions: AP and BLEU strictly between 0 and 1."""
+    images, anns, refs = [], [], {}
+    for n, rec in enumerate(records):
+        image_id = rec["image_id"]
+        images.append({"id": image_id, "width": 128, "height": 128})
+        order = sorted(range(len(rec["scores"])), key=lambda i: -rec["scores"][i])
+        hits = order[:2] if n % 2 == 0 else []  # even images: the two best boxes are correct
+        for i in hits:
+            x1, y1, x2, y2 = rec["boxes"][i]
+            box = [x1, y1, x2 - x1, y2 - y1]
+            cat = CATEGORY_IDS[rec["labels"][i] - 1]
+            anns.append({"image_id": image_id, "category_id": cat, "bbox": box, "area": box[2] * box[3]})
+        anns.append(  # a box nobody predicts
+            {"image_id": image_id, "category_id": CATEGORY_IDS[n % 4], "bbox": [3, 3, 40, 30], "area": 1200.0}
+        )
+        refs[image_id] = [rec["caption"]] if n % 3 == 0 else ["w5 w6 w7 w8 w9 w10"]
+        refs[image_id].append("w11 w12 " + rec["caption"])
+    for k, a in enumerate(anns):
+        a.update(id=k + 1, iscrowd=0)
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORY_NAMES, strict=True)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return GroundTruth(coco, refs, sorted(r["image_id"] for r in records))

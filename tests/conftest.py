@@ -20,6 +20,28 @@ from helpers import (
 )
 from slurm_cluster import LAUNCHER_VARS
 
+SERIAL = "serial"  # the pytest-xdist group of the tests that must not run beside each other
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Under pytest-xdist: this worker's share of the cores for torch in this process (read at torch's import,
+    # which comes after this file's). Trainers the tests start set their own (helpers.train_env).
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--dist loadgroup`` (launch/test.sh), run the multi-process and Slurm tests one at a time on
+    one worker: they use every core, wait on timeouts measured in seconds and bring up one cluster. The
+    tests that time themselves are marked ``serial`` and join them. The other tests (also the slow ones of
+    one process, marked ``parallel_ok``) share the other workers."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        slow = item.get_closest_marker("slow") and not item.get_closest_marker("parallel_ok")
+        if slow or item.get_closest_marker("slurm") or item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.xdist_group(SERIAL))
+
+
 # 80 real COCO train2017 images with their boxes and captions: the team's share next to the checkout
 # (TICOD_COCO_SAMPLE elsewhere). Never copied into the repository.
 COCO_SAMPLE = Path(os.environ.get("TICOD_COCO_SAMPLE", ROOT.parent / "shared" / "coco_sample"))

@@ -118,6 +118,7 @@ def collate(samples: list[dict], tok: Tokenizer) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parallel_ok  # one process
 def test_tiny_model_memorises_boxes_and_captions_of_demo_images(demo_shards_dir):
     samples, category_ids = read_samples(Path(demo_shards_dir), "train", NUM_IMAGES)
     assert len(samples) == NUM_IMAGES

@@ -490,6 +490,7 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(demo_shards_dir: Path, tmp_pat
 
 
 # ------------------------------------------------------------------------------------- preemption
+@pytest.mark.serial  # times the save: not beside other runs (pytest-xdist)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_to_every_process_saves_and_exits_for_requeue(
     sig: signal.Signals, demo_shards_dir: Path, tmp_path: Path

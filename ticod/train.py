@@ -260,7 +260,8 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    plan = resolve_plan(cfg, world_size, sum(m["total_samples"] for m in manifests), origin)
+    total = sum(m["total_samples"] for m in manifests)
+    plan = resolve_plan(cfg, world_size, total, origin, resume.progress if resume else 0.0)
     data = [
         [s.name, s.shards_dir, s.train_split, s.weight, m["total_samples"]]
         for s, m in zip(sources, manifests, strict=True)
@@ -334,6 +335,7 @@ class Resume:
     saved: dict[str, Any]  # trainer_state.json
     relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
     origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
+    progress: float = 0.0  # the lr cosine's progress at the origin (Plan.origin_progress)
 
 
 def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
@@ -347,9 +349,11 @@ def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
     if relayout:
         step = saved["train"]["step"]
         origin = (step, plan.samples_at(step) if plan else saved["train"]["samples"])
+        progress = plan.progress_at(origin[1]) if plan else 0.0
     else:  # the layout of the saved plan goes on, from wherever it began
         origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
-    return Resume(ckpt, saved, relayout, origin)
+        progress = plan.origin_progress if plan else 0.0
+    return Resume(ckpt, saved, relayout, origin, progress)
 
 
 def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -73,6 +74,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     ds_comm.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_a_two_rank_job_leaves_no_buffer_and_its_all_reduce_works(tmp_path: Path) -> None:
     port = _free_port()
     mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2)

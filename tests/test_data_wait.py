@@ -66,6 +66,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_the_window_logs_the_slowest_ranks_wait_in_its_one_all_reduce(tmp_path: Path) -> None:
     mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):

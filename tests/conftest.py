@@ -47,6 +47,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 COCO_SAMPLE = Path(os.environ.get("TICOD_COCO_SAMPLE", ROOT.parent / "shared" / "coco_sample"))
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the DeepSpeed CPU all-reduce buffers that the session's killed ranks left in /dev/shm."""
+    from ticod.cpu_comm import sweep_dead_buffers
+
+    sweep_dead_buffers(min_age_s=5)
+
+
 @pytest.fixture(autouse=True)
 def _launcher_vars_do_not_leak():
     """A test must not leave RANK/WORLD_SIZE/... in os.environ: every later subprocess inherits them (a

@@ -24,7 +24,7 @@ def test_single_process_trains_checkpoints_exports(demo_shards_dir, tmp_path):
     for r in rows:
         for k in ("train/loss", "train/loss_det", "train/loss_cap", "train/caption", "train/stage2_box"):
             assert math.isfinite(r[k]), (k, r)
-        assert r["train/images_per_s"] > 0 and r["train/lr"] > 0
+        assert r["train/images_per_s"] > 0 and r["train/lr"] > 0 and 0 <= r["train/data_wait_frac"] <= 1
     assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(3)]
     assert (run / "export" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and (run / "tokenizer").is_dir()

@@ -19,6 +19,7 @@ from ticod.optim import build_optimizer, build_scheduler, warmup_cosine, warmup_
 
 CONFIGS = DEMO.parent
 DATASET = 24  # images in the demo train split (tests/conftest.py)
+DEMO_BACKBONE_LR = load_config(DEMO).optim.backbone_lr
 
 
 class Toy(nn.Module):
@@ -59,7 +60,7 @@ def test_same_samples_and_same_lr_at_the_same_sample_count_on_1_2_4_ranks(budget
     for w in (1, 2):
         for samples, lr in lrs4.items():
             assert runs[w][0][samples] == lr, (w, samples)  # exactly: the same integers go in
-    heads, backbone = 1e-3, 2e-4  # demo.yaml
+    heads, backbone = 1e-3, DEMO_BACKBONE_LR
     assert runs[1][0][16] == pytest.approx((backbone, backbone, heads, heads))  # warmup over: the peak
     assert runs[1][0][2] == pytest.approx(tuple(lr * 2 / 16 for lr in runs[1][0][16]))
     assert runs[1][0][96] == pytest.approx(tuple(lr * 0.01 for lr in runs[1][0][16]))  # min_lr_ratio
@@ -86,7 +87,12 @@ def test_a_budget_in_steps_keeps_the_step_schedule():
         for w in (1, 2):
             plan = resolve_plan(cfg, w)
             assert (plan.steps, plan.warmup_steps, plan.samples) == (600, 50, 600 * 4 * w)
-            assert (plan.lr, plan.backbone_lr, plan.lr_scale, plan.schedule_samples) == (1e-3, 2e-4, 1.0, 0)
+            assert (plan.lr, plan.backbone_lr, plan.lr_scale, plan.schedule_samples) == (
+                1e-3,
+                DEMO_BACKBONE_LR,
+                1.0,
+                0,
+            )
         lrs, plan = lr_by_samples(cfg, 1)
         factor = warmup_cosine(50, 600, cfg.optim.min_lr_ratio)
         assert [lr[-1] for lr in lrs.values()] == [1e-3 * factor(s) for s in range(600)]
@@ -104,7 +110,7 @@ def test_lr_scaling_rules(rule, world_size, scale):
     )
     plan = resolve_plan(cfg, world_size)
     assert plan.lr_scale == pytest.approx(scale)
-    assert (plan.lr, plan.backbone_lr) == pytest.approx((1e-3 * scale, 2e-4 * scale))
+    assert (plan.lr, plan.backbone_lr) == pytest.approx((1e-3 * scale, DEMO_BACKBONE_LR * scale))
     opt = build_optimizer(Toy(), cfg.optim, lr_scale=plan.lr_scale)
     build_scheduler(opt, cfg.optim, plan=plan)  # no warmup: the first step runs at the peak
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([plan.backbone_lr] * 2 + [plan.lr] * 2)
@@ -246,4 +252,6 @@ def test_one_and_two_ranks_train_the_same_samples_at_the_same_lr(demo_shards_dir
     shared = sorted(lr_at[1].keys() & lr_at[2].keys())
     assert shared == [8, 12, 16]
     assert [lr_at[1][s] for s in shared] == [lr_at[2][s] for s in shared]
-    assert [lr_at[1][s] for s in shared] == pytest.approx([2e-4, 2e-4 * (0.01 + 0.99 * 0.5), 2e-4 * 0.01])
+    assert [lr_at[1][s] for s in shared] == pytest.approx(
+        [DEMO_BACKBONE_LR * f for f in (1, 0.01 + 0.99 * 0.5, 0.01)]
+    )

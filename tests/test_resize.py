@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import ok, run_train, train_log
+from helpers import DEMO, ok, run_train, train_log
 from safetensors.torch import load_file
 
 from ticod import checkpoint as ck
+from ticod.config import load_config
 from ticod.engine import UNIVERSAL_DIR
 
 
@@ -49,7 +50,8 @@ def test_resume_onto_one_rank_from_two_continues_at_the_same_sample_count(demo_s
     assert final["train"]["layout"] == [1, 1, 2, 1] and final["train"]["origin"] == 2
     # The lr follows the samples done: after step s of the resumed run, 8 + (s - 2) * 2 (the logged lr, of
     # the backbone, is the one of the next step: that many samples + 2). Warmup 4, cosine to 24 samples.
-    peak, floor = 2e-4, 0.01  # configs/demo.yaml: optim.backbone_lr, optim.min_lr_ratio
+    demo = load_config(DEMO).optim
+    peak, floor = demo.backbone_lr, demo.min_lr_ratio
     for r in rows:
         done = 8 + (r["step"] - 2) * 2 + 2
         progress = min(1.0, (done - 4) / (24 - 4))

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import pytest
-from helpers import ok, run_train, train_log
+from helpers import DEMO, ok, run_train, train_log
 
 from ticod import checkpoint as ck
+from ticod.config import load_config
 from ticod.engine import UNIVERSAL_DIR
 from ticod.optim import warmup_cosine
 
-BACKBONE_LR = 2e-4  # configs/demo.yaml; train/lr is the first group's, the backbone's
+# configs/demo.yaml; train/lr is the first group's, the backbone's
+BACKBONE_LR = load_config(DEMO).optim.backbone_lr
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -1,0 +1,32 @@
+"""The caption grounding gap: 0 exactly for a decoder that cannot see the image, not 0 for one that can."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import batch, build
+
+from ticod.metrics.grounding import grounding_gap
+
+
+def test_gap_is_zero_for_a_blind_decoder_and_not_for_a_seeing_one():
+    model = build()
+    seeing = grounding_gap(model, [batch()])
+    assert abs(seeing["grounding_gap"]) > 1e-4 and seeing["caption_loss"] > 0
+    assert model.training  # the mode is restored
+    # Blind: the cross-attention adds nothing to the residual stream (its output projections are 0).
+    with torch.no_grad():
+        for block in model.captioner.gpt.transformer.h:
+            block.crossattention.c_proj.weight.zero_()
+            block.crossattention.c_proj.bias.zero_()
+    blind = grounding_gap(model, [batch()])
+    assert blind["grounding_gap"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gap_needs_the_decoder_and_two_images():
+    with pytest.raises(ValueError, match="caption decoder"):
+        grounding_gap(build("loss.task=detection"), [batch()])
+    one = batch()
+    one = {**one, "images": one["images"][:1], "image_sizes": one["image_sizes"][:1]}
+    with pytest.raises(ValueError, match="at least 2"):
+        grounding_gap(build(), [one])

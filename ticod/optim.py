@@ -109,3 +109,16 @@ def build_scheduler(
     else:
         factor = warmup_cosine(plan.warmup_steps, plan.steps, cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rebase_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """After loading a checkpoint saved under another plan (a resume onto another layout): this plan's peak
+    lrs ``base_lrs`` (the loaded state holds the old plan's), and its lrs for the step the scheduler is at
+    (the loaded optimizer holds those the old plan set for its next step)."""
+    lrs = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, base_lrs, lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler.base_lrs, scheduler._last_lr = list(base_lrs), lrs

@@ -148,6 +148,28 @@ SABOTAGES = (
         r"\1pass",
         ("tests/test_data_bad.py::test_eval_skips_and_counts_every_bad_sample",),
     ),
+    # -------------------------------------------------------------- the blind spots of issue 24
+    Sabotage(
+        "box-loss-weight-dropped",
+        "model.roi.box_loss_weight never reaches the loss (the Swin configs' GIoU x 10 becomes x 1)",
+        r"list\(model_cfg\.roi\.stage_loss_weights\), model_cfg\.roi\.box_loss_weight$",
+        "list(model_cfg.roi.stage_loss_weights)",
+        ("tests/test_blind_spots.py::test_reference_box_loss_weight_reaches_the_combined_loss",),
+    ),
+    Sabotage(
+        "python-rng-not-restored",
+        "a resume restores torch's RNG but not Python's global random state",
+        r"^([ \t]*)random\.setstate\(state\[\"python\"\]\)$",
+        r"\1pass",
+        ("tests/test_blind_spots.py::test_python_random_state_is_restored_at_resume",),
+    ),
+    Sabotage(
+        "logged-lr-of-next-step",
+        "train/lr is read after the optimizer step (the next step's lr, not the one applied)",
+        r"^([ \t]*)\*\*window\.lrs,$",
+        r"\1**step_lrs(engine.optimizer),",
+        ("tests/test_logged_lr.py::test_logged_lrs_are_those_the_step_applied",),
+    ),
     # --------------------------------------------------------------------------- checkpoint
     Sabotage(
         "checkpoint-rng-not-restored",

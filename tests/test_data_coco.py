@@ -1,5 +1,6 @@
-"""ticod.data.coco: ground truth rebuilt from shards equals the source COCO files, as pycocotools reads them;
-per-image records name their tasks, and several annotation files merge into one set of records."""
+"""ticod.data.coco and ticod.data.records: ground truth rebuilt from shards equals the source COCO files,
+as pycocotools reads them; per-image records name their tasks, and several annotation files merge into
+one set of records."""
 
 from __future__ import annotations
 
@@ -11,15 +12,9 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-from ticod.data.coco import (
-    TASKS,
-    CocoFormatError,
-    coco_ground_truth,
-    ground_truth_from_shards,
-    load_karpathy,
-    load_records,
-    record_tasks,
-)
+from ticod.data.coco import CocoFormatError, load_karpathy, load_records
+from ticod.data.records import TASKS, coco_ground_truth, record_tasks
+from ticod.data.shards import ground_truth_from_shards
 
 
 def test_ground_truth_from_shards_matches_source(demo_coco_dir: Path, demo_shards_dir: Path) -> None:

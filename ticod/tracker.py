@@ -95,6 +95,25 @@ class Tracker:
 
         self._wandb.log({"step": step, key: [wandb.Image(im, caption=c) for im, c in images]})
 
+    def log_tables(
+        self, step: int, tables: dict[str, tuple[list[str], list[list[Any]]]], *, prefix: str = ""
+    ) -> None:
+        """Log ``{key: (columns, rows)}`` as wandb tables, PIL images in cells as wandb images (no-op
+        without wandb)."""
+        if not self.active or self._wandb is None or not tables:
+            return
+        import wandb
+        from PIL import Image
+
+        def cell(v: Any) -> Any:
+            return wandb.Image(v) if isinstance(v, Image.Image) else v
+
+        logged = {
+            f"{prefix}{key}": wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])
+            for key, (columns, rows) in tables.items()
+        }
+        self._wandb.log({"step": step, **logged})
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:
             self._wandb.summary.update(values)

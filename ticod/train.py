@@ -36,7 +36,6 @@ from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
 from ticod.model_card import write_model_card
 from ticod.models.ticod import labelled_tasks
-from ticod.optim import rebase_scheduler
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from ticod.preflight import PreflightError, run_preflight
 from ticod.tracker import Tracker, setup_console_logging
@@ -249,7 +248,8 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    plan = resolve_plan(cfg, world_size, sum(m["total_samples"] for m in manifests), origin)
+    total = sum(m["total_samples"] for m in manifests)
+    plan = resolve_plan(cfg, world_size, total, origin, resume.progress if resume else 0.0)
     data = [
         [s.name, s.shards_dir, s.train_split, s.weight, m["total_samples"]]
         for s, m in zip(sources, manifests, strict=True)
@@ -318,6 +318,7 @@ class Resume:
     saved: dict[str, Any]  # trainer_state.json
     relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
     origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
+    progress: float = 0.0  # the lr cosine's progress at the origin (Plan.origin_progress)
 
 
 def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
@@ -331,9 +332,11 @@ def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
     if relayout:
         step = saved["train"]["step"]
         origin = (step, plan.samples_at(step) if plan else saved["train"]["samples"])
+        progress = plan.progress_at(origin[1]) if plan else 0.0
     else:  # the layout of the saved plan goes on, from wherever it began
         origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
-    return Resume(ckpt, saved, relayout, origin)
+        progress = plan.origin_progress if plan else 0.0
+    return Resume(ckpt, saved, relayout, origin, progress)
 
 
 def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:
@@ -344,12 +347,7 @@ def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bo
         if dist.is_initialized():
             dist.barrier()  # the other ranks read what rank 0 converted
     source = resume.ckpt / engine_lib.UNIVERSAL_DIR if universal else resume.ckpt
-    base_lrs = list(
-        engine.lr_scheduler.base_lrs
-    )  # this plan's peak lrs, before the checkpoint's replace them
     ckpt_lib.load_engine_state(engine, source)  # the trainer state was read by find_resume
-    if resume.relayout:  # the schedule goes on from this plan's lrs, not the old plan's
-        rebase_scheduler(engine.lr_scheduler, base_lrs)
     state = TrainState(**resume.saved["train"])
     log.info("resumed from %s at step %d", resume.ckpt, state.step)
     if resume.relayout:
@@ -681,6 +679,7 @@ class Evaluator:
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         tracker.log(step, metrics, prefix="eval/")
         tracker.log_images(step, "eval/predictions", result.sample_images)
+        tracker.log_tables(step, result.tables, prefix="eval/")
         return metrics
 
 

@@ -383,6 +383,23 @@ SABOTAGES = (
             "tests/test_train_mix.py::test_partial_label_mix_trains_and_reports_each_source",
         ),
     ),
+    # ------------------------------------------------------- issue 27: a damaged byte costs one sample
+    Sabotage(
+        "damaged-sample-ends-the-shard",
+        "a damaged tar header ends the read of its shard (the rest of it lost)",
+        r"yield i, sample, None if sample is not None else DAMAGED_SAMPLE",
+        "yield i, sample, None if sample is not None else DAMAGED_SAMPLE\n            if sample is None:\n                return",
+        ("tests/test_data_damage.py::test_evaluation_reads_every_other_image_of_the_damaged_shard",),
+    ),
+    Sabotage(
+        "lost-sample-leaves-the-stream",
+        "a lost sample is dropped from the stream instead of keeping its place: a resume shifts",
+        r"^([ \t]*)yield shard\.offset \+ index, sample$",
+        r"\1if sample is not None:\n\1    yield shard.offset + index, sample",
+        (
+            "tests/test_data_damage.py::test_resume_stays_exact_with_the_damage_before_and_after_the_resume_point",
+        ),
+    ),
 )
 
 

@@ -1,25 +1,22 @@
-"""COCO annotation files -> one record per image, category id <-> label mapping, and ground truth from shards.
+"""COCO annotation files -> one record per image, and the category id <-> label mapping.
 
 The shard tool joins instances and captions once, offline, into per-image records (the ``.json`` member
-of a shard sample); the evaluator rebuilds pycocotools-ready ground truth from those records.
-
-A record names what its image is labelled for in ``tasks`` (a subset of :data:`TASKS`, in that order):
-``"boxes"`` with an empty box list is an image annotated to have no objects (a negative), while an image
-not annotated for boxes has no ``"boxes"`` in ``tasks``. Records written before ``tasks`` existed are read
-with :func:`record_tasks`.
+of a shard sample, described in :mod:`ticod.data.records`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from ticod.data.records import record_tasks, task_list
+
 PathArg = str | Path
-TASKS = ("boxes", "captions")  # what a record can be labelled for, in the order of its "tasks" list
 # Karpathy split name -> the "split" values of dataset_coco.json it takes (restval is train data).
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -37,22 +34,6 @@ INSTANCE_KEYS = {
 CAPTION_KEYS = {"images": ("id",), "annotations": ("image_id", "caption")}
 CAPTION_IMAGE_KEYS = ("file_name", "width", "height")
 KARPATHY_KEYS = {"images": ("cocoid", "filepath", "filename", "split", "sentences")}
-
-
-def record_tasks(record: dict[str, Any]) -> tuple[bool, bool]:
-    """``(has_boxes, has_caption)`` of a per-image record.
-
-    Records without ``tasks`` (written before it existed) were all box-labelled. A caption task with an
-    empty caption list counts as no caption: there is nothing to train or score against.
-    """
-    tasks = record.get("tasks")
-    if tasks is None:
-        return True, bool(record["captions"])
-    return "boxes" in tasks, "captions" in tasks and bool(record.get("captions"))
-
-
-def _tasks(has_boxes: bool, has_caption: bool) -> list[str]:
-    return [t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on]
 
 
 def _paths(paths: PathArg | Sequence[PathArg] | None) -> list[Path]:
@@ -205,8 +186,26 @@ def load_records(
             )
         rec["captions"].append(str(ann["caption"]).strip())
     for iid, rec in records.items():
-        rec["tasks"] = _tasks(iid in boxed, bool(rec["captions"]))
+        rec["tasks"] = task_list(iid in boxed, bool(rec["captions"]))
     return [records[k] for k in sorted(records)], [cats[k] for k in sorted(cats)]
+
+
+def annotation_description(path: PathArg, prefix_bytes: int = 1 << 16) -> str:
+    """``info.description`` of a COCO JSON file ("COCO 2017 Dataset"), or "" where it has none.
+
+    Read from the file's first ``prefix_bytes`` only (COCO files start with ``info``), so a 450 MB
+    instances file is not parsed a second time.
+    """
+    with open(path, "rb") as f:
+        head = f.read(prefix_bytes).decode("utf-8", errors="ignore")
+    start = re.match(r'\s*\{\s*"info"\s*:\s*', head)
+    if start is None:
+        return ""
+    try:
+        info, _ = json.JSONDecoder().raw_decode(head, start.end())
+    except json.JSONDecodeError:
+        return ""
+    return str(info.get("description", "")) if isinstance(info, dict) else ""
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -216,6 +215,40 @@ def _image_size(path: Path) -> tuple[int, int]:
             return int(im.width), int(im.height)
     except (OSError, ValueError):
         return 0, 0
+
+
+IMAGE_INFO_KEYS = {"images": ("id", "file_name")}
+
+
+def load_image_info(path: PathArg, images_dir: PathArg) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Records of an image list without annotations (COCO's ``image_info_test-dev2017.json``).
+
+    Each record is labelled for nothing (``tasks`` empty): a split to predict on, not to score. Sizes come
+    from the file where it gives them, else from the JPEG headers in ``images_dir``. Categories are the
+    file's (test-dev lists COCO's 80), [] where it has none.
+
+    Raises:
+        CocoFormatError: not an image list, or an image id given twice.
+    """
+    data = _load(path, IMAGE_INFO_KEYS, "an image info file")
+    records: dict[int, dict[str, Any]] = {}
+    for im in data["images"]:
+        iid = int(im["id"])
+        if iid in records:
+            raise CocoFormatError(f"{path}: image id {iid} appears twice")
+        if "width" in im and "height" in im:
+            size = int(im["width"]), int(im["height"])
+        else:
+            size = _image_size(Path(images_dir) / str(im["file_name"]))
+        records[iid] = {**_empty_record(iid, str(im["file_name"]), *size), "tasks": []}
+    cats = sorted(
+        (
+            {"id": int(c["id"]), "name": str(c["name"]), "supercategory": str(c.get("supercategory", ""))}
+            for c in data.get("categories", [])
+        ),
+        key=lambda c: c["id"],
+    )
+    return [records[k] for k in sorted(records)], cats
 
 
 def load_karpathy(
@@ -291,7 +324,7 @@ def load_karpathy(
                 if not isinstance(s, dict) or "raw" not in s:
                     raise CocoFormatError(f"{path}: images[{i}].sentences[{j}] is missing key 'raw'")
             rec["captions"] = [str(s["raw"]).strip() for s in sentences]
-        rec["tasks"] = _tasks(instances is not None, bool(rec["captions"]))
+        rec["tasks"] = task_list(instances is not None, bool(rec["captions"]))
         records.append(rec)
     return records, categories
 
@@ -324,55 +357,3 @@ class CategoryMap:
         """Category name of a label 1..K."""
         self.to_category_id(label)  # validates the range
         return self.names[label - 1]
-
-
-def coco_ground_truth(
-    records: Iterable[dict[str, Any]], categories: Sequence[dict[str, Any]]
-) -> tuple[dict[str, Any], dict[int, list[str]]]:
-    """Per-image records -> (COCO instances dict for ``pycocotools.coco.COCO``, image id -> captions).
-
-    Partial labels: the instances hold only the images labelled for boxes (with an empty box list: a
-    negative), the captions only the images labelled for captions; box and caption metrics are then taken
-    over exactly those.
-    """
-    images, annotations, refs = [], [], {}
-    for rec in records:
-        iid = int(rec["image_id"])
-        has_boxes, has_caption = record_tasks(rec)
-        if has_caption:
-            refs[iid] = list(rec["captions"])
-        if not has_boxes:
-            continue
-        images.append(
-            {"id": iid, "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]}
-        )
-        for box, cat, crowd, area, ann_id in zip(
-            rec["boxes"], rec["category_ids"], rec["iscrowd"], rec["areas"], rec["ann_ids"], strict=True
-        ):
-            annotations.append(
-                {
-                    "id": int(ann_id),
-                    "image_id": iid,
-                    "category_id": int(cat),
-                    "bbox": [float(v) for v in box],
-                    "area": float(area),
-                    "iscrowd": int(crowd),
-                }
-            )
-    images.sort(key=lambda im: im["id"])
-    annotations.sort(key=lambda a: a["id"])
-    instances = {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
-    return instances, refs
-
-
-def ground_truth_from_shards(
-    shards_dir: str | Path, split: str
-) -> tuple[dict[str, Any], dict[int, list[str]]]:
-    """COCO ground truth (instances dict, image id -> captions) rebuilt from a split's shards.
-
-    Reads only the ``.json`` members; unreadable ones are skipped (the eval loader counts them as bad).
-    """
-    from ticod.data.shards import iter_shard_records, read_manifest  # shards imports this module
-
-    manifest = read_manifest(shards_dir, split)
-    return coco_ground_truth(iter_shard_records(shards_dir, split), manifest["categories"])

@@ -37,9 +37,18 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ticod.config import DataConfig
-from ticod.data.coco import CategoryMap, record_tasks
+from ticod.data.coco import CategoryMap
 from ticod.data.plan import StreamPlan, position_after
-from ticod.data.shards import iter_shard, read_manifest, sample_offsets
+from ticod.data.records import record_tasks
+from ticod.data.shards import (
+    DAMAGED_SAMPLE,
+    TRUNCATED_SHARD,
+    UNREADABLE_SHARD,
+    iter_shard,
+    read_manifest,
+    read_samples,
+    sample_offsets,
+)
 from ticod.data.sources import label_space, resolve_sources, shard_weights
 from ticod.data.tokenizer import encode_captions
 from ticod.data.transforms import (
@@ -58,9 +67,9 @@ __all__ = ["EvalLoader", "build_eval_loader", "build_train_loader", "read_manife
 
 log = logging.getLogger(__name__)
 
-# Reasons a sample is skipped (stats["bad"]) ...
-UNREADABLE_SHARD = "unreadable_shard"  # the whole shard: each of its manifest samples counts once
-TRUNCATED_SHARD = "truncated_shard"  # samples the manifest promises that a damaged shard did not give
+# Reasons a sample is skipped (stats["bad"]): a whole shard unreadable (each of its manifest samples counts
+# once), samples a damaged or truncated shard did not give, a damaged tar header (that sample only;
+# manifests with byte offsets), ...
 MISSING_JSON = "missing_json"
 BAD_JSON = "bad_json"
 MISSING_JPEG = "missing_jpeg"
@@ -137,29 +146,39 @@ def _log_member_error(exn: Exception) -> bool:
 
 def read_range(
     shard: Shard, first: int, stop: int, stats: StreamStats
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(global index, raw sample) for the readable samples ``first``..``stop - 1`` of ``shard``.
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(global index, raw sample) for the samples ``first``..``stop - 1`` of ``shard``.
 
-    webdataset's handlers either re-raise or sleep per error, and a truncated tar silently drops the rest
-    of its shard; comparing with the manifest count makes that loss visible. Every sample of the range
-    counts in ``stats.read``, a lost one also as bad (``unreadable_shard`` when no sample of the shard can
-    be read, else ``truncated_shard``). With byte offsets only the range is read; without (format-1
-    manifests), the shard from its start.
+    Every sample of the range counts in ``stats.read``, a lost one also as bad. With byte offsets each
+    sample is read from its own offset, and a lost one (damaged header: ``damaged_sample``; past the
+    end of a truncated file: ``truncated_shard``; file not openable: ``unreadable_shard``) is handed
+    out as ``(index, None)``: the stream keeps the manifest's positions, which is what a resume seeks
+    by. Without (format-1 manifests) the shard is read from its start and a damaged header loses the
+    rest of it (webdataset's handlers either re-raise or sleep per error, and a truncated tar silently
+    drops its rest; comparing with the manifest count makes that visible: ``unreadable_shard`` when no
+    sample of the shard can be read, else ``truncated_shard``); lost samples are not handed out.
     """
-    seek = shard.byte_offsets is not None
+    if shard.byte_offsets is not None:
+        warned: set[str] = set()
+        for index, sample, reason in read_samples(shard.path, shard.byte_offsets, first, stop):
+            stats.read += 1
+            if sample is None:
+                assert reason is not None
+                stats.bad[reason] += 1
+                if reason == DAMAGED_SAMPLE or reason not in warned:
+                    log.warning("%s: sample %d lost (%s)", shard.path, index, reason)
+                    warned.add(reason)
+            else:
+                sample["__source__"] = shard.source
+            yield shard.offset + index, sample
+        return
     n = got = 0  # positions handed out; samples read in this pass
     try:
-        if seek:
-            assert shard.byte_offsets is not None
-            it = iter_shard(
-                shard.path, _log_member_error, shard.byte_offsets[first], shard.byte_offsets[stop]
-            )
-        else:
-            it = iter_shard(shard.path, _log_member_error)
+        it = iter_shard(shard.path, _log_member_error)
         with contextlib.closing(it):
             for sample in it:
                 got += 1
-                if not seek and got <= first:
+                if got <= first:
                     continue
                 if n == stop - first:  # more samples than the manifest promises: the manifest rules
                     break
@@ -170,31 +189,17 @@ def read_range(
     except Exception as e:
         log.warning("%s: unreadable or truncated shard after %d samples (%s)", shard.path, first + n, e)
     if n < stop - first:
-        readable = got > 0 or (seek and first > 0 and _first_sample_readable(shard))
         stats.read += stop - first - n
-        stats.bad[TRUNCATED_SHARD if readable else UNREADABLE_SHARD] += stop - first - n
-
-
-def _first_sample_readable(shard: Shard) -> bool:
-    try:
-        with contextlib.closing(iter_shard(shard.path, _log_member_error)) as it:
-            return next(it, None) is not None
-    except Exception:
-        return False
+        stats.bad[TRUNCATED_SHARD if got > 0 else UNREADABLE_SHARD] += stop - first - n
 
 
 def read_one(shard: Shard, index: int) -> tuple[int, dict[str, Any] | None]:
     """(global index, raw sample or None) of sample ``index`` of a shard with byte offsets; not counted."""
     assert shard.byte_offsets is not None
-    start, stop = shard.byte_offsets[index], shard.byte_offsets[index + 1]
-    try:
-        with contextlib.closing(iter_shard(shard.path, _log_member_error, start, stop)) as it:
-            sample = next(it, None)
-        if sample is not None:
-            sample["__source__"] = shard.source
-        return shard.offset + index, sample
-    except Exception:
-        return shard.offset + index, None
+    ((_, sample, _),) = read_samples(shard.path, shard.byte_offsets, index, index + 1)
+    if sample is not None:
+        sample["__source__"] = shard.source
+    return shard.offset + index, sample
 
 
 class SampleProcessor:
@@ -461,6 +466,8 @@ class _TrainStream(IterableDataset):
         # Grouped: raw samples, by the size in their .json; else consecutive (no look-ahead, unlike
         # webdataset's batched: a group is handed out the moment it is full, so its stats end there).
         bucket_of = sample_aspect_bucket if self.group_by_aspect else _one_bucket
+        if self.group_by_aspect and self.seekable:  # the manifest's sizes, as a seek sees them (lost too)
+            bucket_of = self._item_bucket()
         # Of the rank's first start_batch batches this worker made every workers-th one.
         skip = len(range(worker, self.start_batch, workers))
         if skip and self.seekable:
@@ -497,8 +504,8 @@ class _TrainStream(IterableDataset):
     ) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """The endless source from ``position`` on: the drawn shards' readable samples, in order.
 
-        A seek assumes every sample of the manifest was there; a shard damaged before the resume point
-        (counted as bad when it was read) shifts the uninterrupted stream against the resumed one.
+        With byte offsets a lost sample keeps its position (``(index, None)``, see :func:`read_range`), so a
+        seek lands where the uninterrupted stream stands, damaged or not. Format-1 manifests replay.
         """
         draw, _, first = (int(v[0]) for v in plan.locate(np.array([position])))
         empty_in_a_row, max_empty = 0, 10 + 2 * len(self.shards)
@@ -506,7 +513,7 @@ class _TrainStream(IterableDataset):
             shard = self.shards[plan.shard(j)]
             readable = 0
             for item in read_range(shard, first, shard.samples, stats):
-                readable += 1
+                readable += item[1] is not None
                 yield item
             first = 0
             # An endless stream over unreadable data would hang the job instead of failing it.
@@ -544,11 +551,20 @@ class _TrainStream(IterableDataset):
         got = {key: read_one(self.shards[key[0]], key[1]) for key in sorted(set(wanted))}
         return [got[key] for key in wanted]
 
+    def _buckets(self) -> np.ndarray:
+        """The aspect bucket of each sample (by global index), from the manifest's image sizes."""
+        return np.array([aspect_bucket(w, h) for s in self.shards for w, h in s.sizes or ()], dtype=np.int64)
+
     def _bucket_table(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """(shard index, sample index) arrays -> aspect buckets, from the manifest's image sizes."""
-        table = np.array([aspect_bucket(w, h) for s in self.shards for w, h in s.sizes or ()], dtype=np.int64)
+        table = self._buckets()
         starts = np.array([s.offset for s in self.shards], dtype=np.int64)
         return lambda shard, sample: table[starts[shard] + sample]
+
+    def _item_bucket(self) -> Callable[[tuple[int, Any]], int]:
+        """(global index, raw sample) -> aspect bucket, from the manifest's image sizes."""
+        table = self._buckets().tolist()
+        return lambda item: table[item[0]]
 
 
 def _one_bucket(item: Any) -> int:
@@ -576,8 +592,8 @@ def build_train_loader(
     ``start_batch`` = batches this rank already consumed; the loader then yields exactly what an
     uninterrupted run would have yielded from that point: it seeks there, reading only what the shuffle
     buffer and the grouping hold (older manifests without byte offsets: it re-reads, without decoding,
-    every sample drawn before); exact unless a whole group of ``batch_size`` samples was unusable, or a
-    shard was damaged before the resume point. Needs the same seed,
+    every sample drawn before); exact (damaged samples and shards included) unless a whole group of
+    ``batch_size`` samples was unusable. Needs the same seed,
     world size, batch size and ``num_workers`` as the interrupted run.
 
     Args:

@@ -3,7 +3,7 @@
 Layout: ``DIR/{split}-000000.tar ...`` plus ``DIR/{split}-manifest.json``. A sample is ``<key>.jpg`` (the
 source JPEG bytes, untouched) and ``<key>.json`` (the record of :func:`ticod.data.coco.load_records`),
 with ``key`` the zero-padded image id. The record's ``tasks`` says what the image is labelled for (boxes
-and/or captions, see :mod:`ticod.data.coco`): instances-only, captions-only and mixed sets all shard, and
+and/or captions, see :mod:`ticod.data.records`): instances-only, captions-only and mixed sets all shard, and
 the manifest counts each kind (``tasks``). Tar headers carry no times or owners and samples are written
 in image-id order from the main process, so the same input gives byte-identical shards whatever the
 number of worker processes. The manifest is written last: a directory without one is an unfinished run.
@@ -13,6 +13,8 @@ of each sample's first header, then the end of the last sample) and where its ``
 are (``json``: ``[offset, size]`` per sample), and each image's annotated ``[width, height]`` (``sizes``:
 what batching by aspect ratio needs, without reading the sample). Readers then seek: a resumed training stream jumps to its
 position, an eval stream reads only its own samples, the ground truth reads only the ``.json`` bytes.
+Each sample is parsed from its own bytes (:func:`read_samples`), so a damaged tar header costs that
+sample only, not the rest of its shard.
 Format 1 manifests (without them) still work; those readers then read shards from their start.
 """
 
@@ -36,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ticod.data.coco import TASKS, record_tasks
+from ticod.data.records import coco_ground_truth, record_tasks, task_list
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ SAMPLE_SUFFIXES = ("jpg", "json")  # the only members we write, and the only one
 MISSING_CAPTIONS = ("keep", "skip", "error")
 # What a written sample is labelled for, as counted in the summary and the manifest's "tasks".
 LABEL_KINDS = ("boxes+captions", "boxes", "captions")
+UNLABELLED = (
+    "none"  # samples of a split without labels (write_shards(unlabelled=True)): predicted, not scored
+)
 # Skip reasons, as counted in the summary and the manifest.
 MISSING_IMAGE = "missing image file"
 UNREADABLE = "unreadable JPEG"
@@ -59,8 +64,8 @@ class ShardError(RuntimeError):
 
 
 def label_kind(has_boxes: bool, has_caption: bool) -> str | None:
-    """The :data:`LABEL_KINDS` entry of a record's :func:`~ticod.data.coco.record_tasks`; None: no labels."""
-    return "+".join(t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on) or None
+    """The :data:`LABEL_KINDS` entry of a record's :func:`~ticod.data.records.record_tasks`; None: no labels."""
+    return "+".join(task_list(has_boxes, has_caption)) or None
 
 
 def sample_key(image_id: int) -> str:
@@ -127,12 +132,16 @@ def check_jpeg(data: bytes, verify: str = "decode") -> str | None:
 
 
 def prepare(
-    record: dict[str, Any], images_dir: str, missing_captions: str, verify: str = "decode"
+    record: dict[str, Any],
+    images_dir: str,
+    missing_captions: str,
+    verify: str = "decode",
+    unlabelled: bool = False,
 ) -> Prepared:
     """Read and check one image (runs in worker processes)."""
     key = sample_key(record["image_id"])
     has_boxes, has_caption = record_tasks(record)
-    if not has_boxes and not has_caption:
+    if not has_boxes and not has_caption and not unlabelled:
         return Prepared(key, skip=NO_LABELS, detail=f"image {record['image_id']}")
     if has_boxes and not has_caption and missing_captions != "keep":
         return Prepared(key, skip=NO_CAPTIONS, detail=f"image {record['image_id']}")
@@ -145,7 +154,7 @@ def prepare(
     if reason is not None:
         return Prepared(key, skip=reason, detail=str(path))
     # Written normalised, so readers see tasks also for records made before they existed.
-    record = {**record, "tasks": [t for t, on in zip(TASKS, (has_boxes, has_caption), strict=True) if on]}
+    record = {**record, "tasks": task_list(has_boxes, has_caption)}
     meta = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
     return Prepared(key, jpg=data, meta=meta)
 
@@ -212,7 +221,7 @@ class ShardSummary:
         lines = [
             f"images written: {self.images} in {self.shards} shards ({self.bytes / 2**20:.1f} MiB)",
             f"labels: {self.tasks['boxes+captions']} boxes+captions, {self.tasks['boxes']} boxes only, "
-            f"{self.tasks['captions']} captions only",
+            f"{self.tasks['captions']} captions only, {self.tasks[UNLABELLED]} without labels",
             f"boxes: {self.boxes} ({self.crowd_boxes} crowd), images without boxes (negatives): "
             f"{self.empty_images}",
             f"captions: {self.captions}",
@@ -249,6 +258,8 @@ def write_shards(
     sources: dict[str, Any] | None = None,
     progress: bool = True,
     verify: str = "decode",
+    dataset: str = "",
+    unlabelled: bool = False,
 ) -> tuple[dict[str, Any], ShardSummary]:
     """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
 
@@ -268,6 +279,9 @@ def write_shards(
         sources: Provenance stored in the manifest (annotation files and their sha256).
         progress: Show a tqdm progress bar.
         verify: JPEG check before packing, "decode" or "header" (see :func:`check_jpeg`).
+        dataset: The dataset's public name (model cards), stored in the manifest when given.
+        unlabelled: Keep records labelled for nothing (a test split: predicted, not scored) instead of
+            skipping them.
 
     Returns:
         The manifest (as written) and a summary.
@@ -301,7 +315,13 @@ def write_shards(
     summary = ShardSummary()
     shards: list[dict[str, Any]] = []
     current: _ShardFile | None = None
-    work = partial(prepare, images_dir=str(images_dir), missing_captions=missing_captions, verify=verify)
+    work = partial(
+        prepare,
+        images_dir=str(images_dir),
+        missing_captions=missing_captions,
+        verify=verify,
+        unlabelled=unlabelled,
+    )
     # fork where available: spawned workers would each re-import torch (via webdataset) for seconds.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
@@ -335,7 +355,7 @@ def write_shards(
             current.add(prep.key, members, (record["width"], record["height"]))
             has_boxes, has_caption = record_tasks(record)
             summary.images += 1
-            summary.tasks[label_kind(has_boxes, has_caption)] += 1
+            summary.tasks[label_kind(has_boxes, has_caption) or UNLABELLED] += 1
             summary.boxes += len(record["boxes"])
             summary.crowd_boxes += sum(record["iscrowd"])
             summary.captions += len(record["captions"])
@@ -362,9 +382,12 @@ def write_shards(
         "num_boxes": summary.boxes,
         "num_crowd_boxes": summary.crowd_boxes,
         "num_captions": summary.captions,
-        "tasks": {kind: summary.tasks[kind] for kind in LABEL_KINDS},
+        "tasks": {
+            k: summary.tasks[k] for k in (*LABEL_KINDS, UNLABELLED) if k in LABEL_KINDS or summary.tasks[k]
+        },
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
+        **({"dataset": dataset} if dataset else {}),
         "jpeg_check": verify,
         "created_by": "tools/shard_coco.py",
     }
@@ -399,26 +422,12 @@ def _select(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in SAMPLE_SUFFIXES
 
 
-class _Window:
-    """A file's bytes from its current position up to ``stop``; reads past ``stop`` see the end of the file."""
+def iter_shard(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Samples ``{"__key__", "jpg"?, "json"?}`` of one local tar shard, read from its start into memory
+    (never extracted): for manifests without byte offsets (format 1).
 
-    def __init__(self, f: io.BufferedReader, stop: int) -> None:
-        self.f, self.left = f, max(0, stop - f.tell())
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(self.left if n is None or n < 0 else min(n, self.left))
-        self.left -= len(data)
-        return data
-
-
-def iter_shard(
-    path: str, handler: Callable[[Exception], bool], start: int = 0, stop: int | None = None
-) -> Iterator[dict[str, Any]]:
-    """Samples ``{"__key__", "jpg"?, "json"?}`` of one local tar shard, read into memory (never extracted).
-
-    ``start``/``stop``: only the samples in these bytes (offsets from a format-2 manifest; the default is
-    the whole file). Per-member errors go to ``handler``; an unreadable or truncated archive raises out
-    of the iterator (after yielding the samples before the damage), so the caller can count what was lost.
+    Per-member errors go to ``handler``; an unreadable or truncated archive raises out of the iterator
+    (after yielding the samples before the damage), so the caller can count what was lost.
     """
     errors: list[Exception] = []
 
@@ -431,11 +440,59 @@ def iter_shard(
             errors.append(e)
 
     with open(path, "rb") as f:
-        if start:
-            f.seek(start)
-        yield from group_by_keys(members(f if stop is None else _Window(f, stop)), handler=handler)
+        yield from group_by_keys(members(f), handler=handler)
     if errors:
         raise errors[0]
+
+
+# Why a sample of a shard with byte offsets is lost (read_samples); the loaders count it under this reason.
+UNREADABLE_SHARD = "unreadable_shard"  # the file cannot be opened: each of its samples counts once
+TRUNCATED_SHARD = "truncated_shard"  # the sample's bytes end past the end of the file
+DAMAGED_SAMPLE = "damaged_sample"  # its bytes are not whole tar members of one key (a damaged header)
+
+
+def parse_sample(data: bytes, url: str) -> dict[str, Any] | None:
+    """The sample ``{"__key__", "__url__", "jpg"?, "json"?}`` in one sample's tar bytes; None unless they
+    are whole tar members (headers intact, through the last byte) of one key. Regular members only."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            infos = tar.getmembers()  # stops without raising at a damaged header after the first
+            if tar.offset != len(data):
+                return None
+            files = [
+                {"fname": m.name, "data": tar.extractfile(m).read(), "__url__": url}  # type: ignore[union-attr]
+                for m in infos
+                if m.isreg() and _select(m.name)
+            ]
+        samples = list(group_by_keys(iter(files)))
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return None
+    return samples[0] if len(samples) == 1 else None
+
+
+def read_samples(
+    path: str, offsets: Sequence[int], first: int, stop: int
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Samples ``first``..``stop - 1`` of a shard with byte ``offsets`` (a format-2 manifest's), each read
+    from its own bytes: ``(index, sample, None)``, or ``(index, None, reason)`` for a lost one
+    (:data:`UNREADABLE_SHARD`, :data:`TRUNCATED_SHARD`, :data:`DAMAGED_SAMPLE`). A damaged header thus
+    costs its own sample only: the next is read from its offset."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; `open` is looked up here so tests can count reads)
+    except OSError:
+        for i in range(first, stop):
+            yield i, None, UNREADABLE_SHARD
+        return
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        for i in range(first, stop):
+            start, end = offsets[i], offsets[i + 1]
+            if end > size:
+                yield i, None, TRUNCATED_SHARD
+                continue
+            f.seek(start)
+            sample = parse_sample(f.read(end - start), path)
+            yield i, sample, None if sample is not None else DAMAGED_SAMPLE
 
 
 def sample_offsets(shard: dict[str, Any]) -> list[int] | None:
@@ -485,3 +542,14 @@ def _json_members(path: str, spans: Sequence[Sequence[int]]) -> Iterator[dict[st
                 yield json.loads(data)
             except ValueError as e:  # a truncated or damaged shard
                 log.warning("%s: the .json at byte %d is not readable (%s)", path, offset, e)
+
+
+def ground_truth_from_shards(
+    shards_dir: str | Path, split: str
+) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    """COCO ground truth (instances dict, image id -> captions) rebuilt from a split's shards.
+
+    Reads only the ``.json`` members; unreadable ones are skipped (the eval loader counts them as bad).
+    """
+    manifest = read_manifest(shards_dir, split)
+    return coco_ground_truth(iter_shard_records(shards_dir, split), manifest["categories"])

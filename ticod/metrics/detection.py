@@ -7,10 +7,13 @@ import copy
 import io
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ticod.metrics.per_class import per_class_ap
 
 log = logging.getLogger("ticod")
 
@@ -35,8 +38,8 @@ def load_results(gt: COCO, results: list[dict]) -> COCO:
 
 
 def detection_metrics(
-    gt: COCO, results: list[dict], image_ids: Iterable[int] | None = None
-) -> dict[str, float]:
+    gt: COCO, results: list[dict], image_ids: Iterable[int] | None = None, *, classwise: bool = False
+) -> dict[str, Any]:
     """COCO bbox metrics of ``results`` against ``gt``.
 
     Args:
@@ -45,6 +48,7 @@ def detection_metrics(
             in original image pixels, "score"}``.
         image_ids: Images to evaluate on (default: all of ``gt``). Pass the evaluated subset when only part
             of the split was predicted, otherwise its other images count as misses.
+        classwise: Also return ``"per_class"``: AP and AP50 of every category (:mod:`ticod.metrics.per_class`).
 
     Returns:
         ``DETECTION_KEYS`` -> float. As in pycocotools, -1.0 means no ground truth in that area range.
@@ -59,4 +63,9 @@ def detection_metrics(
         coco_eval.accumulate()
         coco_eval.summarize()
     log.debug("COCOeval bbox:\n%s", summary.getvalue())
-    return {k: float(v) for k, v in zip(DETECTION_KEYS, np.asarray(coco_eval.stats), strict=True)}
+    out: dict[str, Any] = {
+        k: float(v) for k, v in zip(DETECTION_KEYS, np.asarray(coco_eval.stats), strict=True)
+    }
+    if classwise:
+        out["per_class"] = per_class_ap(coco_eval)
+    return out

@@ -7,8 +7,9 @@ import random
 from pathlib import Path
 
 import torch
-from test_checkpoint import Toy, single_rank_pg  # noqa: F401 (fixture)
-from test_model_ticod import BOS, EOS, TINY, VOCAB, batch, train_losses
+from test_checkpoint import Toy
+from test_model_ticod import train_losses
+from tiny_model import BOS, EOS, TINY, VOCAB, batch
 
 from ticod import checkpoint as ck
 from ticod.config import BoxLoss, load_config
@@ -49,7 +50,7 @@ def test_reference_box_loss_weight_reaches_the_combined_loss():
     torch.testing.assert_close(parts["loss"], det + lam * parts["caption"])
 
 
-def test_python_random_state_is_restored_at_resume(tmp_path, single_rank_pg):  # noqa: F811 (fixture)
+def test_python_random_state_is_restored_at_resume(tmp_path, single_rank_pg):
     """The draws of Python's ``random`` after :func:`ticod.checkpoint.restore_rng` are those the
     uninterrupted run made after the save, not those of the resumed process's fresh seed."""
     from ticod.engine import build_engine

@@ -217,7 +217,7 @@ def test_train_runs_the_budget_in_samples(demo_shards_dir, tmp_path):
     ok(proc)
     line = (
         "budget: global batch 2 (2 per rank x 1 accumulation x 1 ranks), 3 steps (warmup 1), 6 images"
-        " = 0.25 epochs of 24, peak lr 0.0005 heads / 0.0001 backbone (x0.5 for the global batch)"
+        f" = 0.25 epochs of 24, peak lr 0.0005 heads / {DEMO_BACKBONE_LR * 0.5:.3g} backbone (x0.5 for the global batch)"
     )
     assert line in proc.stderr
     rows = train_log(run)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from test_train import ok, run_train, train_log
+from helpers import DEMO, ok, run_train, train_log
 
+from ticod.config import load_config
 from ticod.optim import warmup_cosine
 
-LR, BACKBONE_LR = 1e-3, 2e-4  # configs/demo.yaml: optim.lr, optim.backbone_lr
+LR, BACKBONE_LR = load_config(DEMO).optim.lr, load_config(DEMO).optim.backbone_lr
 
 
 def test_logged_lrs_are_those_the_step_applied(demo_shards_dir, tmp_path):

@@ -35,7 +35,10 @@ def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(demo_shards_di
 
     resumed = run_train([*common, "data.batch_size=4", "--resume", "auto"])
     ok(resumed)
-    assert "peak lr 0.002 heads / 0.0004 backbone (x2 for the global batch)" in resumed.stderr
+    assert (
+        f"peak lr {2 * LR:.3g} heads / {2 * BACKBONE_LR:.3g} backbone (x2 for the global batch)"
+        in resumed.stderr
+    )
     if stage:  # another layout at ZeRO-2: loaded through the universal form
         assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir()
     rows = train_log(run)[before:]

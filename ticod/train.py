@@ -263,8 +263,9 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer).to(device)
-    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can.
-    universal = bool(resume and resume.relayout and cfg.deepspeed.zero_stage > 0)
+    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can. Another
+    # batch, accumulation or loader workers on the same world size load the shards as they are.
+    universal = bool(resume and resume.world_size != world_size and cfg.deepspeed.zero_stage > 0)
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
     seed_everything(cfg.seed + 1000 * rank + origin[0])
 
@@ -317,6 +318,7 @@ class Resume:
     relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
     origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
     progress: float = 0.0  # the lr cosine's progress at the origin (Plan.origin_progress)
+    world_size: int = 0  # that the checkpoint was saved at (its ZeRO shards' partitioning)
 
 
 def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
@@ -334,7 +336,7 @@ def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
     else:  # the layout of the saved plan goes on, from wherever it began
         origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
         progress = plan.origin_progress if plan else 0.0
-    return Resume(ckpt, saved, relayout, origin, progress)
+    return Resume(ckpt, saved, relayout, origin, progress, saved["train"].get("layout", layout)[0])
 
 
 def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:

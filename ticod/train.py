@@ -190,7 +190,7 @@ def train(
         )
         if losses is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
-            stop_if_nonfinite(run, consecutive_nonfinite)
+            stop_if_nonfinite(run, consecutive_nonfinite, window)
             continue
         consecutive_nonfinite = 0
         window.grad_norm = grad_norm
@@ -213,6 +213,7 @@ def train(
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < steps:
             run.evaluate()
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+            fold_window(run, window)
             run.save()
         inject_process_fault(cfg.faults, state.step, rank)
         # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
@@ -220,6 +221,7 @@ def train(
         if stop:
             if not preemption.requested:
                 log.info("another rank received a stop signal")
+            fold_window(run, window)
             path = run.save()
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
             run.tracker.close()
@@ -402,10 +404,11 @@ def is_log_step(cfg: Config, step: int, last: int) -> bool:
     return step % cfg.logging.log_every == 0 or step == last
 
 
-def stop_if_nonfinite(run: Run, consecutive: int) -> None:
+def stop_if_nonfinite(run: Run, consecutive: int, window: Window) -> None:
     """Warn about a skipped micro-batch; save and stop after ``max_nonfinite`` in a row."""
     log.warning("non-finite loss at step %d (skipped; %d in a row)", run.state.step, consecutive)
     if consecutive >= run.cfg.max_nonfinite:
+        fold_window(run, window)
         # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
         path = run.save()
         raise TrainingStopped(
@@ -419,12 +422,9 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     bad data."""
     state, engine = run.state, run.engine
     metrics = window.reduce(run.device, run.world_size)
-    state.samples += metrics.pop("samples")
-    state.samples_read += metrics.pop("read")
-    for kind in ("bad", "fixed", "sources"):
-        totals = getattr(state, kind)
-        for reason, n in metrics.pop(kind).items():
-            totals[reason] = totals.get(reason, 0) + n
+    add_counts(state, window, metrics)
+    for key in ("samples", "read", "bad", "fixed", "sources"):
+        metrics.pop(key)
     metrics.update(
         lr=engine.get_lr()[0],
         grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
@@ -441,6 +441,29 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     check_bad_fraction(state, run.cfg.max_bad_fraction)
     return metrics
+
+
+def fold_window(run: Run, window: Window) -> None:
+    """Add the open log window's counts to the run totals before a checkpoint between log steps (a periodic
+    save, a stop): the checkpoint then holds every sample trained on and read, and the totals add up
+    across a requeue. The window's log line later adds only what came after. Collective (all ranks)."""
+    add_counts(run.state, window, window.reduce(run.device, run.world_size))
+
+
+def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> None:
+    """Add the counts of a reduced ``window`` (:meth:`Window.reduce`) to the run totals, less those an
+    earlier :func:`fold_window` of the same window added."""
+    counts = {"samples": reduced["samples"], "read": reduced["read"]}
+    for kind in ("bad", "fixed", "sources"):
+        counts.update({f"{kind}/{reason}": n for reason, n in reduced[kind].items()})
+    new = {k: n - window.folded.get(k, 0) for k, n in counts.items()}
+    window.folded = counts
+    state.samples += new.pop("samples")
+    state.samples_read += new.pop("read")
+    for key, n in new.items():
+        kind, reason = key.split("/", 1)
+        totals = getattr(state, kind)
+        totals[reason] = totals.get(reason, 0) + n
 
 
 def finish(run: Run) -> None:
@@ -475,6 +498,7 @@ class Window:
         self.step_time = 0.0
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
+        self.folded: dict[str, int] = {}  # counts already added to the run totals (train.fold_window)
 
     def add_losses(
         self, losses: dict[str, torch.Tensor], batch_size: int, present: tuple[bool, bool] = (True, True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
+from helpers import load_tool
 from PIL import Image
 
 from ticod.data.coco import load_records
@@ -301,7 +301,10 @@ def test_needs_instances_or_captions(demo_coco_dir: Path, tmp_path: Path, capsys
     with pytest.raises(SystemExit) as e:
         shard("--images", demo_coco_dir / "val", "--out", tmp_path / "s")
     assert e.value.code == 2
-    assert "at least one of --instances, --captions or --karpathy is required" in capsys.readouterr().err
+    assert (
+        "at least one of --instances, --captions, --karpathy or --image-info is required"
+        in capsys.readouterr().err
+    )
 
 
 def test_old_style_records_are_written_with_tasks(demo_coco_dir: Path, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
@@ -49,6 +50,7 @@ log = logging.getLogger("ticod")
 
 # Sample images for wandb show only confident boxes: at score threshold 0 an image has up to 100 boxes.
 SAMPLE_MIN_SCORE = 0.3
+UNSCORED = "skipped: the split has no labels (results files only)"
 # Side of the all-zero image a rank without images runs the model on while other ranks still have some.
 DUMMY_IMAGE_SIZE = 32
 
@@ -343,9 +345,15 @@ def compute_metrics(
     """Metrics of deduplicated records, the COCO results list and the caption list.
 
     Partial labels: box metrics are taken over the images of ``gt.instances`` (those labelled for boxes),
-    caption metrics over the images with reference captions; each count is in the metrics.
+    caption metrics over the images with reference captions; each count is in the metrics. A split without
+    labels (a test set) is not scored: the results hold every image's predictions, for a test server.
     """
     metrics: dict[str, Any] = {"num_images": len(records)}
+    if not gt.captions and (gt.instances is None or not gt.instances.getImgIds()):
+        detections = coco_detections(records, category_ids, cfg.score_threshold)
+        captions = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records if "caption" in r]
+        log.info("the split has no labels: results files written, not scored (%d images)", len(records))
+        return metrics | {"num_detections": len(detections), "scoring": UNSCORED}, detections, captions
     detections: list[dict] = []
     if any("boxes" in r for r in records):
         if gt.instances is None:
@@ -488,6 +496,9 @@ def evaluate(
         render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
     ]
     tables = {"per_class": per_class_table(per_class)} if per_class else {}
+    if rank == 0 and samples:  # the page of sample predictions, and its wandb table
+        drawn = [(im, rec) for (im, _), (_, _, rec) in zip(sample_images, samples, strict=True)]
+        _, tables["samples"] = write_caption_page(out_dir, drawn, gt.captions)
     return EvalResult(metrics, sample_images, tables)
 
 
@@ -718,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker.summary({f"eval/{k}": v for k, v in numeric.items()})
         tracker.close()
         if info.rank == 0:
-            print(format_metrics(numeric))
+            unscored = {k: v for k, v in result.metrics.items() if v == UNSCORED}  # a test split
+            print(format_metrics({**numeric, **unscored}))
             print(f"results in {out_dir}")
         return 0
     finally:

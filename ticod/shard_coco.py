@@ -26,6 +26,10 @@ sentences' raw text unless ``--captions`` files are given; boxes come from ``--i
 train2014 and val2014 files); without them the split is captions-only and image sizes are read from the
 JPEG headers.
 
+A test split without labels (COCO test-dev): ``--image-info image_info_test-dev2017.json --split test``.
+Every listed image is kept, labelled for nothing; sizes come from the file, else the JPEG headers. An
+evaluation of such a split writes the results files (``detections.json``, ``captions.json``) unscored.
+
 ``--train-tokenizer VOCAB`` also trains a byte-level BPE of that vocabulary size on the written
 samples' captions and saves it to ``OUT/tokenizer`` (use it with ``data.tokenizer=""`` or that path).
 Exit status: 0 on success, 1 on a data error (message on stderr).
@@ -38,7 +42,13 @@ import re
 import sys
 from pathlib import Path
 
-from ticod.data.coco import CocoFormatError, annotation_description, load_karpathy, load_records
+from ticod.data.coco import (
+    CocoFormatError,
+    annotation_description,
+    load_image_info,
+    load_karpathy,
+    load_records,
+)
 from ticod.data.shards import MISSING_CAPTIONS, VERIFY_MODES, ShardError, sha256_file, write_shards
 
 
@@ -51,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--instances", nargs="+", help="COCO instances_*.json file(s): boxes (without: a captions-only set)"
     )
     p.add_argument("--captions", nargs="+", help="COCO captions_*.json file(s) (without: a boxes-only set)")
+    p.add_argument(
+        "--image-info",
+        metavar="PATH",
+        help="an image list without annotations (image_info_test-dev2017.json): a test split, predicted and "
+        "written as results files, not scored; sizes from the file or the JPEG headers",
+    )
     p.add_argument(
         "--karpathy", metavar="PATH", help="Karpathy dataset_coco.json: write its --split (train/val/test)"
     )
@@ -94,8 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if not (a.instances or a.captions or a.karpathy):
-        p.error("at least one of --instances, --captions or --karpathy is required")
+    if not (a.instances or a.captions or a.karpathy or a.image_info):
+        p.error("at least one of --instances, --captions, --karpathy or --image-info is required")
+    if a.image_info and (a.instances or a.captions or a.karpathy):
+        p.error("--image-info is a split without labels: give it without --instances, --captions, --karpathy")
     return a
 
 
@@ -108,6 +126,8 @@ def _sources(a: argparse.Namespace) -> dict[str, object]:
     sources: dict[str, object] = {}
     if a.karpathy:
         sources["karpathy"] = _file(a.karpathy, split=a.split)
+    if a.image_info:
+        sources["image_info"] = _file(a.image_info)
     for kind in ("instances", "captions"):
         paths = getattr(a, kind) or []
         for i, path in enumerate(paths):
@@ -121,7 +141,7 @@ def dataset_name(a: argparse.Namespace) -> str:
     "dataset" dropped: "COCO 2017 Dataset" -> "coco"), else the name of the images' folder."""
     if a.dataset:
         return a.dataset
-    for path in [*(a.instances or []), *(a.captions or [])]:
+    for path in [*(a.instances or []), *(a.captions or []), *([a.image_info] if a.image_info else [])]:
         words = re.findall(r"[a-z0-9]+", annotation_description(path).split("(")[0].lower())
         words = [w for w in words if w != "dataset" and not re.fullmatch(r"(19|20)\d\d", w)]
         if words:
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.karpathy:
             records, categories = load_karpathy(a.karpathy, a.split, a.instances, a.captions, a.images)
+        elif a.image_info:
+            records, categories = load_image_info(a.image_info, a.images)
         else:
             records, categories = load_records(a.instances, a.captions)
         if a.limit:
@@ -157,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not a.no_progress,
             verify=a.verify,
             dataset=dataset,
+            unlabelled=bool(a.image_info),
         )
     except (CocoFormatError, ShardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -217,6 +217,40 @@ def _image_size(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
+IMAGE_INFO_KEYS = {"images": ("id", "file_name")}
+
+
+def load_image_info(path: PathArg, images_dir: PathArg) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Records of an image list without annotations (COCO's ``image_info_test-dev2017.json``).
+
+    Each record is labelled for nothing (``tasks`` empty): a split to predict on, not to score. Sizes come
+    from the file where it gives them, else from the JPEG headers in ``images_dir``. Categories are the
+    file's (test-dev lists COCO's 80), [] where it has none.
+
+    Raises:
+        CocoFormatError: not an image list, or an image id given twice.
+    """
+    data = _load(path, IMAGE_INFO_KEYS, "an image info file")
+    records: dict[int, dict[str, Any]] = {}
+    for im in data["images"]:
+        iid = int(im["id"])
+        if iid in records:
+            raise CocoFormatError(f"{path}: image id {iid} appears twice")
+        if "width" in im and "height" in im:
+            size = int(im["width"]), int(im["height"])
+        else:
+            size = _image_size(Path(images_dir) / str(im["file_name"]))
+        records[iid] = {**_empty_record(iid, str(im["file_name"]), *size), "tasks": []}
+    cats = sorted(
+        (
+            {"id": int(c["id"]), "name": str(c["name"]), "supercategory": str(c.get("supercategory", ""))}
+            for c in data.get("categories", [])
+        ),
+        key=lambda c: c["id"],
+    )
+    return [records[k] for k in sorted(records)], cats
+
+
 def load_karpathy(
     path: PathArg,
     split: str,

@@ -48,6 +48,9 @@ SAMPLE_SUFFIXES = ("jpg", "json")  # the only members we write, and the only one
 MISSING_CAPTIONS = ("keep", "skip", "error")
 # What a written sample is labelled for, as counted in the summary and the manifest's "tasks".
 LABEL_KINDS = ("boxes+captions", "boxes", "captions")
+UNLABELLED = (
+    "none"  # samples of a split without labels (write_shards(unlabelled=True)): predicted, not scored
+)
 # Skip reasons, as counted in the summary and the manifest.
 MISSING_IMAGE = "missing image file"
 UNREADABLE = "unreadable JPEG"
@@ -129,12 +132,16 @@ def check_jpeg(data: bytes, verify: str = "decode") -> str | None:
 
 
 def prepare(
-    record: dict[str, Any], images_dir: str, missing_captions: str, verify: str = "decode"
+    record: dict[str, Any],
+    images_dir: str,
+    missing_captions: str,
+    verify: str = "decode",
+    unlabelled: bool = False,
 ) -> Prepared:
     """Read and check one image (runs in worker processes)."""
     key = sample_key(record["image_id"])
     has_boxes, has_caption = record_tasks(record)
-    if not has_boxes and not has_caption:
+    if not has_boxes and not has_caption and not unlabelled:
         return Prepared(key, skip=NO_LABELS, detail=f"image {record['image_id']}")
     if has_boxes and not has_caption and missing_captions != "keep":
         return Prepared(key, skip=NO_CAPTIONS, detail=f"image {record['image_id']}")
@@ -214,7 +221,7 @@ class ShardSummary:
         lines = [
             f"images written: {self.images} in {self.shards} shards ({self.bytes / 2**20:.1f} MiB)",
             f"labels: {self.tasks['boxes+captions']} boxes+captions, {self.tasks['boxes']} boxes only, "
-            f"{self.tasks['captions']} captions only",
+            f"{self.tasks['captions']} captions only, {self.tasks[UNLABELLED]} without labels",
             f"boxes: {self.boxes} ({self.crowd_boxes} crowd), images without boxes (negatives): "
             f"{self.empty_images}",
             f"captions: {self.captions}",
@@ -252,6 +259,7 @@ def write_shards(
     progress: bool = True,
     verify: str = "decode",
     dataset: str = "",
+    unlabelled: bool = False,
 ) -> tuple[dict[str, Any], ShardSummary]:
     """Write ``records`` (sorted by image id) as shards + manifest into ``out_dir``.
 
@@ -272,6 +280,8 @@ def write_shards(
         progress: Show a tqdm progress bar.
         verify: JPEG check before packing, "decode" or "header" (see :func:`check_jpeg`).
         dataset: The dataset's public name (model cards), stored in the manifest when given.
+        unlabelled: Keep records labelled for nothing (a test split: predicted, not scored) instead of
+            skipping them.
 
     Returns:
         The manifest (as written) and a summary.
@@ -305,7 +315,13 @@ def write_shards(
     summary = ShardSummary()
     shards: list[dict[str, Any]] = []
     current: _ShardFile | None = None
-    work = partial(prepare, images_dir=str(images_dir), missing_captions=missing_captions, verify=verify)
+    work = partial(
+        prepare,
+        images_dir=str(images_dir),
+        missing_captions=missing_captions,
+        verify=verify,
+        unlabelled=unlabelled,
+    )
     # fork where available: spawned workers would each re-import torch (via webdataset) for seconds.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
@@ -339,7 +355,7 @@ def write_shards(
             current.add(prep.key, members, (record["width"], record["height"]))
             has_boxes, has_caption = record_tasks(record)
             summary.images += 1
-            summary.tasks[label_kind(has_boxes, has_caption)] += 1
+            summary.tasks[label_kind(has_boxes, has_caption) or UNLABELLED] += 1
             summary.boxes += len(record["boxes"])
             summary.crowd_boxes += sum(record["iscrowd"])
             summary.captions += len(record["captions"])
@@ -366,7 +382,9 @@ def write_shards(
         "num_boxes": summary.boxes,
         "num_crowd_boxes": summary.crowd_boxes,
         "num_captions": summary.captions,
-        "tasks": {kind: summary.tasks[kind] for kind in LABEL_KINDS},
+        "tasks": {
+            k: summary.tasks[k] for k in (*LABEL_KINDS, UNLABELLED) if k in LABEL_KINDS or summary.tasks[k]
+        },
         "skipped": dict(sorted(summary.skipped.items())),
         "sources": sources or {},
         **({"dataset": dataset} if dataset else {}),

@@ -15,7 +15,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from test_data_pipeline import data_cfg, keys
+from helpers import batch_keys as keys
+from helpers import data_cfg
 
 from ticod.data.pipeline import BAD_JSON, aspect_bucket, build_train_loader
 from ticod.data.tokenizer import load_tokenizer

@@ -16,17 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_evaluate import (
+from helpers import free_port
+from test_evaluate import save_ground_truth
+from tiny_model import (
     CATEGORY_IDS,
     CATEGORY_NAMES,
     MEAN,
     STD,
-    _free_port,
-    build_model,
+    build_eval_model,
+    eval_config,
     make_batches,
     predict_batches,
-    save_ground_truth,
-    tiny_config,
     word_tokenizer,
 )
 
@@ -53,8 +53,8 @@ def _rank_main(rank: int, port: int, out_dir: str, gt_file: str, how: str) -> No
     engine_lib.init_distributed("gloo", timeout_s=TIMEOUT_S)
     t0 = time.monotonic()
     try:
-        cfg = tiny_config("deepspeed.zero_stage=3", "deepspeed.precision=fp32", "eval.bertscore=false")
-        engine = engine_lib.build_engine(build_model(cfg), cfg, world_size=2)
+        cfg = eval_config("deepspeed.zero_stage=3", "deepspeed.precision=fp32", "eval.bertscore=false")
+        engine = engine_lib.build_engine(build_eval_model(cfg), cfg, world_size=2)
         engine.eval()
         batches = make_batches()
         t0 = time.monotonic()
@@ -91,12 +91,10 @@ def _rank_main(rank: int, port: int, out_dir: str, gt_file: str, how: str) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["loader", "batch"])
 def test_a_rank_failing_in_lockstep_evaluation_fails_every_rank_at_once(tmp_path, how):
-    cfg = tiny_config()
     torch.set_num_threads(1)
-    gt_file = save_ground_truth(
-        [r for recs in predict_batches(build_model(cfg), make_batches()) for r in recs], tmp_path
-    )
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), gt_file, how), nprocs=2)
+    records = predict_batches(build_eval_model(eval_config()), make_batches())
+    gt_file = save_ground_truth([r for recs in records for r in recs], tmp_path)
+    mp.spawn(_rank_main, args=(int(free_port()), str(tmp_path), gt_file, how), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     cause = "OSError: fault injection" if how == "loader" else "KeyError: 'image_sizes'"
     for rank, result in enumerate(results):

@@ -3,7 +3,7 @@ the open log window's counts (samples trained on, read, bad), so the resumed run
 
 from __future__ import annotations
 
-from test_train import ok, run_train, train_log
+from helpers import ok, run_train, train_log
 
 from ticod import checkpoint as ck
 

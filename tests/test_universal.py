@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, ok, run_train
+from helpers import ROOT, ok, run_train
 
 from ticod import checkpoint as ck
 from ticod.engine import UNIVERSAL_DIR, to_universal

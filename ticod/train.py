@@ -34,6 +34,7 @@ from ticod.data.sources import label_space, resolve_sources
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
+from ticod.init_from import init_from
 from ticod.model_card import write_model_card
 from ticod.models.ticod import labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -262,7 +263,10 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
 
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer)
+    if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
+        init_from(model, cfg.model.init_from, categories, tokenizer)
+    model = model.to(device)
     # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can.
     universal = bool(resume and resume.relayout and cfg.deepspeed.zero_stage > 0)
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)

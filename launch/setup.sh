@@ -30,9 +30,12 @@ export PATH="$VENV/bin:$PATH"
 # DeepSpeed must be told to use the CPU when there is no GPU (it picks its accelerator at import).
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu
+  # The op's build cache belongs to this venv (ticod/cpu_comm.py picks the same dir): two clones sharing
+  # ~/.cache/torch_extensions rebuilt it into one place and took turns invalidating each other's build.
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
   # Build DeepSpeed's CPU comm op once, here, instead of inside the first multi-rank job, where ranks
   # would wait for one of them to build it (~90 s) and a short rendezvous timeout can fail them.
-  if [[ ! -f "$VENV/.ds-cpu-ops-built" ]]; then
+  if [[ ! -f "$VENV/.ds-cpu-ops-built" || ! -d "$TORCH_EXTENSIONS_DIR" ]]; then
     echo "+ building DeepSpeed's CPU communication op (once, ~90 s)"
     python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null
     touch "$VENV/.ds-cpu-ops-built"

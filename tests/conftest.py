@@ -1,36 +1,57 @@
-"""Shared fixtures: a small demo COCO dataset and its shards (made once per test session, in seconds)."""
+"""Shared fixtures: a small demo COCO dataset and its shards (made once per test session, in seconds), the
+real COCO sample, a one-rank process group. Shared functions and constants are in helpers.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
+import socket
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers import (
+    DEMO_SEED,
+    DEMO_TRAIN,
+    DEMO_TRAIN_PER_SHARD,
+    DEMO_VAL,
+    DEMO_VAL_PER_SHARD,
+    DEMO_VOCAB,
+    ROOT,
+    load_tool,
+)
 from slurm_cluster import LAUNCHER_VARS
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_TRAIN, DEMO_VAL, DEMO_SEED = 24, 8, 0
-DEMO_TRAIN_PER_SHARD, DEMO_VAL_PER_SHARD = 8, 3  # -> 3 train shards, 3 val shards (3 + 3 + 2 samples)
-DEMO_VOCAB = 400
+SERIAL = "serial"  # the pytest-xdist group of the tests that must not run beside each other
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Under pytest-xdist: this worker's share of the cores for torch in this process (read at torch's import,
+    # which comes after this file's). Trainers the tests start set their own (helpers.train_env).
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--dist loadgroup`` (launch/test.sh), run the multi-process and Slurm tests one at a time on
+    one worker: they use every core, wait on timeouts measured in seconds and bring up one cluster. The
+    tests that time themselves are marked ``serial`` and join them. The other tests (also the slow ones of
+    one process, marked ``parallel_ok``) share the other workers."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        slow = item.get_closest_marker("slow") and not item.get_closest_marker("parallel_ok")
+        if slow or item.get_closest_marker("slurm") or item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.xdist_group(SERIAL))
+
+
 # 80 real COCO train2017 images with their boxes and captions: the team's share next to the checkout
 # (TICOD_COCO_SAMPLE elsewhere). Never copied into the repository.
 COCO_SAMPLE = Path(os.environ.get("TICOD_COCO_SAMPLE", ROOT.parent / "shared" / "coco_sample"))
 
 
-def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (a script, not a package) as a module; ``bench/common`` for tools/bench/."""
-    module_name = name.replace("/", "_")
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the DeepSpeed CPU all-reduce buffers that the session's killed ranks left in /dev/shm."""
+    from ticod.cpu_comm import sweep_dead_buffers
+
+    sweep_dead_buffers(min_age_s=5)
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +120,38 @@ def demo_shards_dir(demo_coco_dir: Path, tmp_path_factory: pytest.TempPathFactor
                 [c for r in records for c in r["captions"]], out / "tokenizer", DEMO_VOCAB
             )
     return out
+
+
+_PG_PORT: list[int] = []  # the port of the session's one-rank group
+
+
+@pytest.fixture(scope="module")
+def single_rank_pg():
+    """A one-rank gloo group for DeepSpeed engines in this process.
+
+    DeepSpeed caches its process groups, so the group is created once and kept for the session. The
+    launcher variables it needs are removed again after this module: left in ``os.environ`` they reach
+    every later subprocess (an ``sbatch`` job would take them for a torchrun launch).
+    """
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Set for every module that uses the fixture: DeepSpeed checks LOCAL_RANK at each engine it builds.
+        first = not dist.is_initialized()
+        if first:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                _PG_PORT.append(s.getsockname()[1])
+        for k, v in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_PG_PORT[-1]) if _PG_PORT else "29500",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+        }.items():
+            mp.setenv(k, os.environ.get(k, v))
+        if first:
+            from ticod.engine import init_distributed
+
+            init_distributed("gloo", 60)
+        yield

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
+from helpers import load_tool
 from PIL import Image
 from safetensors.numpy import save_file
 

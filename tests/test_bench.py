@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import load_tool
+from helpers import load_tool
 
 bench = load_tool("bench/common")
 CPU = torch.device("cpu")

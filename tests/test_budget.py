@@ -8,8 +8,8 @@ import math
 import re
 
 import pytest
+from helpers import DEMO, ok, run_train, train_log
 from omegaconf import OmegaConf
-from test_train import DEMO, ok, run_train, train_log
 from torch import nn
 
 from ticod import checkpoint as ck

@@ -7,16 +7,16 @@ import re
 
 import torch
 from PIL import Image
-from test_evaluate import (
+from tiny_model import (
     CATEGORY_IDS,
     CATEGORY_NAMES,
     MEAN,
     STD,
-    build_model,
+    build_eval_model,
+    eval_config,
     ground_truth_from,
     make_batches,
     predict_batches,
-    tiny_config,
     word_tokenizer,
 )
 
@@ -25,8 +25,8 @@ from ticod.evaluate import evaluate
 
 
 def test_evaluation_writes_a_page_of_n_images_with_their_captions(tmp_path):
-    cfg = tiny_config("eval.num_sample_images=5", "eval.bertscore=false")
-    model, batches = build_model(cfg), make_batches()
+    cfg = eval_config("eval.num_sample_images=5", "eval.bertscore=false")
+    model, batches = build_eval_model(cfg), make_batches()
     records = [r for recs in predict_batches(model, batches) for r in recs]
     gt = ground_truth_from(records)
     result = evaluate(

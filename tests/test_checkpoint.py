@@ -1,12 +1,9 @@
 """Checkpoint publish/prune/latest semantics and a real single-rank DeepSpeed save -> load -> export."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ticod import checkpoint as ck
@@ -63,39 +60,6 @@ class Toy(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.backbone(x))).pow(2).mean()
-
-
-_PG_PORT: list[int] = []  # the port of the session's one-rank group
-
-
-@pytest.fixture(scope="module")
-def single_rank_pg():
-    """A one-rank gloo group for DeepSpeed engines in this process.
-
-    DeepSpeed caches its process groups, so the group is created once and kept for the session. The
-    launcher variables it needs are removed again after this module: left in ``os.environ`` they reach
-    every later subprocess (an ``sbatch`` job would take them for a torchrun launch).
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        # Set for every module that uses the fixture: DeepSpeed checks LOCAL_RANK at each engine it builds.
-        first = not dist.is_initialized()
-        if first:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                _PG_PORT.append(s.getsockname()[1])
-        for k, v in {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_PG_PORT[-1]) if _PG_PORT else "29500",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-        }.items():
-            mp.setenv(k, os.environ.get(k, v))
-        if first:
-            from ticod.engine import init_distributed
-
-            init_distributed("gloo", 60)
-        yield
 
 
 @pytest.mark.parametrize("stage", [0, 2])

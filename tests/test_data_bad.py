@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_pipeline import keys
+from helpers import batch_keys, shard_samples, tar_bytes
 
 from ticod.config import load_config
 from ticod.data.pipeline import build_eval_loader, build_train_loader
@@ -32,29 +32,11 @@ class _OpensFile:
         return (open, (self.path, "w"))
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def demo_samples(shards: Path) -> list[tuple[bytes, dict]]:
-    """(jpg, record) of the demo val shard 0, a source of valid samples."""
-    with tarfile.open(shards / "val-000000.tar") as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    keys = sorted({n.split(".")[0] for n in files})
-    return [(files[f"{k}.jpg"], json.loads(files[f"{k}.json"])) for k in keys]
-
-
 @pytest.fixture(scope="module")
 def bad_dir(demo_shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three shards: one of odd samples, one truncated, one garbage; plus the pickle marker path."""
     out = tmp_path_factory.mktemp("bad_shards")
-    (jpg, rec), (jpg2, _), _ = demo_samples(demo_shards_dir)
+    (jpg, rec), (jpg2, _), _ = shard_samples(demo_shards_dir / "val-000000.tar")
     w = rec["width"]
 
     def record(key: int, **changes) -> bytes:
@@ -202,5 +184,5 @@ def test_resumed_train_stream_counts_what_the_uninterrupted_one_counts(
     assert {"unreadable_shard", "truncated_shard", "bad_jpeg"} <= set(bad)  # the bad shards were drawn
     for start in (5, 6):  # resumed on either worker
         resumed = take(12 - start, start)
-        assert keys(resumed) == keys(full[start:])
+        assert batch_keys(resumed) == batch_keys(full[start:])
         assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_pipeline import data_cfg, keys
+from helpers import batch_keys, data_cfg
 
 from ticod.data.coco import load_records
 from ticod.data.pipeline import build_eval_loader, build_train_loader
@@ -41,7 +41,7 @@ def tally(batches) -> tuple[list[str], int, Counter]:
     for b in batches:
         read += b["stats"]["read"]
         bad.update(b["stats"]["bad"])
-    return [k for ks in keys(batches) for k in ks], read, bad
+    return [k for ks in batch_keys(batches) for k in ks], read, bad
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_resume_stays_exact_with_the_damage_before_and_after_the_resume_point(
     for start in (20, 21):  # resumed on either worker
         assert sum(tally(full[:start])[2].values()) > 0 and sum(tally(full[start:])[2].values()) > 0
         resumed = take(40 - start, start)
-        assert keys(resumed) == keys(full[start:])
+        assert batch_keys(resumed) == batch_keys(full[start:])
         assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):
             assert torch.equal(a["images"], b["images"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import DEMO_TRAIN, DEMO_VAL
+from helpers import DEMO_TRAIN, DEMO_VAL
 
 
 def test_demo_fixture_layout(demo_coco_dir: Path, demo_shards_dir: Path) -> None:

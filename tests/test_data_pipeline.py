@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import batch_keys, data_cfg
 from pycocotools.coco import COCO
 
-from ticod.config import DataConfig, load_config
 from ticod.data import shards as shards_module
 from ticod.data.coco import CategoryMap, load_records
 from ticod.data.pipeline import (
@@ -28,12 +28,6 @@ from ticod.data.pipeline import (
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
 from ticod.data.transforms import resize_size, swap_left_right
-
-SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
-
-
-def data_cfg(shards: Path, *overrides: str) -> DataConfig:
-    return load_config(overrides=[f"data.shards_dir={shards}", *SIZES, *overrides]).data
 
 
 def quiet_coco(path: Path) -> COCO:
@@ -180,10 +174,6 @@ def test_eval_max_samples(many_shards: Path, demo_shards_dir: Path) -> None:
     assert len(loader.image_ids) == 5 and sorted(got) == loader.image_ids
 
 
-def keys(batches) -> list[list[str]]:
-    return [[m["key"] for m in b["meta"]] for b in batches]
-
-
 def test_train_stream_is_seeded_per_rank_and_resumable(demo_shards_dir: Path) -> None:
     cfg = data_cfg(demo_shards_dir, "data.num_workers=2", "data.batch_size=3", "data.shuffle_buffer=10")
     tok = load_tokenizer(demo_shards_dir / "tokenizer")
@@ -192,12 +182,12 @@ def test_train_stream_is_seeded_per_rank_and_resumable(demo_shards_dir: Path) ->
         return list(itertools.islice(build_train_loader(cfg, tok, world_size=2, **kw), n))
 
     full = take(7, rank=0, seed=5)
-    assert keys(full) == keys(take(7, rank=0, seed=5))
-    assert keys(full) != keys(take(7, rank=1, seed=5))
-    assert keys(full) != keys(take(7, rank=0, seed=6))
+    assert batch_keys(full) == batch_keys(take(7, rank=0, seed=5))
+    assert batch_keys(full) != batch_keys(take(7, rank=1, seed=5))
+    assert batch_keys(full) != batch_keys(take(7, rank=0, seed=6))
     for start in (3, 4):  # resumed on either worker
         resumed = take(7 - start, rank=0, seed=5, start_batch=start)
-        assert keys(resumed) == keys(full[start:])
+        assert batch_keys(resumed) == batch_keys(full[start:])
         # Samples read since the previous batch: the replayed batches were counted before the interruption.
         assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):  # augmentations (size, flip, caption) too
@@ -240,10 +230,10 @@ def test_grouped_stream_one_bucket_one_scale_per_batch_and_resumable(demo_shards
     ungrouped = data_cfg(demo_shards_dir, "data.num_workers=2", "data.batch_size=3", "data.shuffle_buffer=10",
                          "data.group_by_aspect=false")  # fmt: skip
     plain = list(itertools.islice(build_train_loader(ungrouped, tok, rank=0, world_size=1, seed=3), 8))
-    assert keys(plain) != keys(full)  # grouping reorders the same shuffled stream
+    assert batch_keys(plain) != batch_keys(full)  # grouping reorders the same shuffled stream
     for start in (3, 4):
         resumed = take(8 - start, start)
-        assert keys(resumed) == keys(full[start:])
+        assert batch_keys(resumed) == batch_keys(full[start:])
         assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):
             assert torch.equal(a["images"], b["images"]) and a["image_sizes"] == b["image_sizes"]
@@ -312,7 +302,7 @@ def test_resume_seeks_reading_only_what_the_stream_holds(
     replayed, replay_bytes = take(old, 2, 60)
     assert "no per-sample byte offsets" in caplog.text and "re-reads every sample" in caplog.text
     for resumed in (seeked, replayed):
-        assert keys(resumed) == keys(full[60:])
+        assert batch_keys(resumed) == batch_keys(full[60:])
         assert [b["stats"] for b in resumed] == [b["stats"] for b in full[60:]]
         for a, b in zip(full[60:], resumed, strict=True):
             assert torch.equal(a["images"], b["images"])

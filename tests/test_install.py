@@ -12,8 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from test_reliability import train_env
-from test_train import FAST, ok
+from helpers import FAST, ok, train_env
 
 import ticod
 from ticod.config import SHIPPED_CONFIGS, ConfigError, load_config, to_dict
@@ -117,6 +116,7 @@ def source_copy(dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parallel_ok  # one process at a time
 def test_pip_install_without_e_runs_the_commands_outside_the_clone(demo_coco_dir, demo_shards_dir, tmp_path):
     """``pip install CLONE`` (a wheel, not editable) into a fresh venv whose dependencies are already there
     (this environment's, as a cluster's own torch would be). From a dir outside the clone the console

@@ -6,16 +6,20 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tiny_model import TINY_SWIN
 
 from ticod.config import BackboneConfig
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
 
-TINY = {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4}
-
 
 def tiny_cfg(**overrides) -> BackboneConfig:
     return BackboneConfig(
-        **{"name": "swin_tiny_patch4_window7_224", "drop_path_rate": 0.0, "kwargs": dict(TINY), **overrides}
+        **{
+            "name": "swin_tiny_patch4_window7_224",
+            "drop_path_rate": 0.0,
+            "kwargs": dict(TINY_SWIN),
+            **overrides,
+        }
     )
 
 
@@ -54,7 +58,7 @@ def test_unpadded_input_is_rejected():
 def test_local_checkpoint_file_is_loaded(tmp_path, suffix):
     torch.manual_seed(1)
     # A classification Swin of the same variant, as timm (or the Swin authors) save it.
-    source = timm.create_model("swin_tiny_patch4_window7_224", **TINY)
+    source = timm.create_model("swin_tiny_patch4_window7_224", **TINY_SWIN)
     path = tmp_path / f"weights{suffix}"
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     if suffix == ".safetensors":
@@ -108,7 +112,7 @@ def test_stage_outputs_are_layer_normed():
 
 def test_imagenet_weights_load_into_the_body_and_the_stage_norms_are_the_only_new_keys():
     torch.manual_seed(1)
-    source = timm.create_model("swin_tiny_patch4_window7_224", **TINY)  # random init, ImageNet layout
+    source = timm.create_model("swin_tiny_patch4_window7_224", **TINY_SWIN)  # random init, ImageNet layout
     # timm's features_only mapping: the classifier and its final norm dropped, layers.i -> layers_i.
     state = {
         k.replace("layers.", "layers_", 1): v

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_model import DEMO_SWIN, swin_kwargs
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.normalizers import Lowercase
@@ -30,7 +31,7 @@ DEMO_MODEL = [
     "model.backbone.name=swin_tiny_patch4_window7_224",
     "model.backbone.pretrained=false",
     "model.backbone.drop_path_rate=0.0",
-    "model.backbone.kwargs={embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}",
+    swin_kwargs(DEMO_SWIN),
     "model.rpn.anchor_sizes=[16, 32, 64, 128, 256]",
     "model.rpn.pre_nms_top_n_train=300",
     "model.rpn.post_nms_top_n_train=150",
@@ -117,6 +118,7 @@ def collate(samples: list[dict], tok: Tokenizer) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parallel_ok  # one process
 def test_tiny_model_memorises_boxes_and_captions_of_demo_images(demo_shards_dir):
     samples, category_ids = read_samples(Path(demo_shards_dir), "train", NUM_IMAGES)
     assert len(samples) == NUM_IMAGES

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_model_ticod import BOS, EOS, VOCAB, batch, partially_labelled, tiny_config
+from tiny_model import BOS, EOS, VOCAB, batch, partially_labelled, tiny_config
 
 from ticod.models import TICOD
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import single_rank_pg  # noqa: F401 (fixture)
-from test_model_ticod import BOS, EOS, VOCAB, batch, build
+from tiny_model import BOS, EOS, VOCAB, batch, build
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -96,7 +95,7 @@ def test_fp16_is_refused_with_the_alternatives():
 REL_TOL, ABS_TOL = 0.01, 1e-3
 
 
-def test_one_step_bf16_matches_fp32(single_rank_pg):  # noqa: F811 (fixture)
+def test_one_step_bf16_matches_fp32(single_rank_pg):
     from ticod.engine import build_engine
 
     losses = {}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image, ImageChops
-from test_evaluate import CATEGORY_IDS, CATEGORY_NAMES, build_model, tiny_config, word_tokenizer
+from tiny_model import CATEGORY_IDS, CATEGORY_NAMES, build_eval_model, eval_config, word_tokenizer
 
 from ticod.data.pipeline import build_eval_loader
 from ticod.data.shards import write_shards
@@ -45,7 +45,7 @@ def test_find_images_and_unique_names(images, tmp_path):
 
 
 def test_preprocess_resizes_like_eval_and_pads():
-    cfg = tiny_config(*SMALL).data
+    cfg = eval_config(*SMALL).data
     wide, tall = Image.new("RGB", (200, 100), (124, 116, 104)), Image.new("RGB", (60, 80))
     batch, sizes = preprocess([wide, tall], cfg)
     # wide: shorter side 100 -> 64 would make the longer 128 > 96, so the longer side sets the scale.
@@ -56,9 +56,9 @@ def test_preprocess_resizes_like_eval_and_pads():
 
 
 def test_predict_writes_consistent_json_and_png(images, tmp_path):
-    cfg = tiny_config(*SMALL)
+    cfg = eval_config(*SMALL)
     tok = word_tokenizer()
-    model = build_model(cfg)
+    model = build_eval_model(cfg)
     model.tokenizer = tok
     out = tmp_path / "out"
     paths = find_images([tmp_path / "images"])
@@ -139,9 +139,9 @@ def test_predict_on_exif_rotated_jpeg_matches_eval_from_a_shard(tmp_path):
         "boxes": [], "category_ids": [], "iscrowd": [], "areas": [], "ann_ids": [], "captions": ["w5 w6"],
     }  # fmt: skip
     write_shards([record], CATEGORIES, images, tmp_path / "shards", "val", progress=False)
-    cfg = tiny_config(*SMALL, f"data.shards_dir={tmp_path / 'shards'}", "data.num_workers=0")
+    cfg = eval_config(*SMALL, f"data.shards_dir={tmp_path / 'shards'}", "data.num_workers=0")
     tok = word_tokenizer()
-    model = build_model(cfg)
+    model = build_eval_model(cfg)
     model.tokenizer = tok
     cpu = torch.device("cpu")
 

@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_evaluate import minilm_dir
-from test_reliability import launch_module, train_env
-from test_train import DEMO, FAST, ok, run_killing_group, train_log
+from helpers import DEMO, FAST, launch_module, minilm_dir, ok, run_killing_group, train_env, train_log
 
 from ticod import checkpoint as ck
 from ticod import distributed as D

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -39,22 +38,24 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from test_data_bad import tar_bytes
-from test_train import (
+from helpers import (
     DEMO,
     FAST,
-    LAUNCHER_VARS,
     ROOT,
-    _port,
     assert_same_weights,
+    launch_module,
     losses_by_step,
     ok,
-    run_killing_group,
+    process_group,
     run_train,
+    shard_samples,
+    tar_bytes,
+    train_env,
     train_log,
     trainer_state,
+    write_split,
 )
+from safetensors.torch import load_file
 
 from ticod import checkpoint as ck
 from ticod.config import ConfigError, load_config
@@ -68,25 +69,6 @@ FAKE_WANDB_KEY = hashlib.sha1(b"ticod-test-fake-wandb-key").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def shard_samples(shard: Path) -> list[tuple[bytes, dict]]:
-    """(jpg bytes, json record) of every sample of a good shard."""
-    with tarfile.open(shard) as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    keys = sorted({n.split(".")[0] for n in files})
-    return [(files[f"{k}.jpg"], json.loads(files[f"{k}.json"])) for k in keys]
-
-
-def write_split(out: Path, split: str, shards: list[tuple[str, int]], categories: list[dict]) -> None:
-    """A manifest for already written shard files; ``shards`` = (file name, samples it should hold)."""
-    manifest = {
-        "split": split,
-        "shards": [{"name": n, "samples": s, "bytes": 0} for n, s in shards],
-        "total_samples": sum(s for _, s in shards),
-        "categories": categories,
-    }
-    (out / f"{split}-manifest.json").write_text(json.dumps(manifest))
-
-
 def all_files(*roots: Path) -> list[Path]:
     return sorted(p for r in roots if r.exists() for p in r.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -408,20 +390,6 @@ if __name__ == "__main__":
 """
 
 
-def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment ``run_train`` gives its children."""
-    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
-    return {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
-
-
-def launch_module(module: str, overrides: list[str], *, env: dict[str, str]):
-    """Like ``run_train(nproc=2)`` but running ``module`` (a wrapper of ticod.train) under the launcher."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", _port(), "--module", module]
-    cmd += ["--config", str(DEMO), *FAST, *overrides]
-    return run_killing_group(cmd, env=train_env(env), timeout=600)
-
-
 @pytest.mark.slow
 def test_checkpoint_interrupted_by_a_killed_rank_is_never_resumed_from(demo_shards_dir: Path, tmp_path: Path):
     """Rank 1 dies inside the step-4 save; --resume auto continues from step 2, exactly, to the end.
@@ -522,6 +490,7 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(demo_shards_dir: Path, tmp_pat
 
 
 # ------------------------------------------------------------------------------------- preemption
+@pytest.mark.serial  # times the save: not beside other runs (pytest-xdist)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_to_every_process_saves_and_exits_for_requeue(
     sig: signal.Signals, demo_shards_dir: Path, tmp_path: Path
@@ -533,16 +502,7 @@ def test_stop_signal_to_every_process_saves_and_exits_for_requeue(
     cmd = [sys.executable, "-m", "ticod.train", "--config", str(DEMO), *FAST]
     cmd += [f"run_dir={run}", f"data.shards_dir={demo_shards_dir}", "max_steps=500", "deepspeed.zero_stage=2"]
     # Its own session: the signal goes to the trainer's process group only, not to pytest.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with process_group(cmd, env=train_env()) as proc:
         log = run / "train_log.jsonl"
         deadline = time.monotonic() + 300
         while not (log.is_file() and log.read_text().strip()) and proc.poll() is None:
@@ -553,10 +513,6 @@ def test_stop_signal_to_every_process_saves_and_exits_for_requeue(
         sent = time.monotonic()
         _, stderr = proc.communicate(timeout=120)
         took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
     assert took < 30, took  # the launcher's (and Slurm's default KillWait) grace before SIGKILL
     (saved,) = ck.list_checkpoints(run)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from helpers import ok, run_train, train_log
 from safetensors.torch import load_file
-from test_train import ok, run_train, train_log
 
 from ticod import checkpoint as ck
 from ticod.engine import UNIVERSAL_DIR

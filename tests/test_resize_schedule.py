@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 
 import pytest
-from test_train import DEMO
+from helpers import DEMO
 from torch import nn
 
 from ticod import checkpoint as ck

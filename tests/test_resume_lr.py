@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_train import ok, run_train, train_log
+from helpers import ok, run_train, train_log
 
 from ticod import checkpoint as ck
 from ticod.engine import UNIVERSAL_DIR

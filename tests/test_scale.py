@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from test_train import ok, run_train, train_log
+from helpers import ok, run_train, train_log
 
 from ticod.data.pipeline import read_manifest
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
+from helpers import load_tool
 from PIL import Image
 
 from ticod.data.coco import load_records

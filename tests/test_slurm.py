@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm, slurm_requested
-from test_rank_failure import (
+from helpers import (
     CHAIN,
     GONE_WITHIN_S,
     SAVE_EVERY,
@@ -29,6 +28,7 @@ from test_rank_failure import (
     fault_overrides,
     processes_of,
 )
+from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm, slurm_requested
 
 from ticod.distributed import slurm_port
 from ticod.preemption import REQUEUE_EXIT_CODE

@@ -2,91 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_weights, losses_by_step, ok, run_train, train_log, trainer_state
 from safetensors.torch import load_file
 
 from ticod import checkpoint as ck
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
-LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK"}
-LAUNCHER_VARS |= {"MASTER_ADDR", "MASTER_PORT"}
-# Small and quick: the demo model on the test shards, a few steps.
-FAST = [
-    "data.batch_size=2",
-    "data.num_workers=1",
-    "optim.warmup_steps=1",
-    "logging.log_every=1",
-    "eval.at_end=false",
-    "checkpoint.save_every=0",
-]
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def run_train(overrides: list[str], *, nproc: int = 1, env: dict | None = None, timeout: int = 600):
-    """Run ``ticod.train`` as users do: alone, or under the deepspeed launcher with CPU ranks."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "ticod.train"]
-    else:
-        launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", _port(), "--module", "ticod.train"]
-    cmd += ["--config", str(DEMO), *FAST, *overrides]
-    # The child must not inherit a launcher from this process (a torchrun/Slurm test session).
-    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
-    full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return run_killing_group(cmd, env=full_env, timeout=timeout)
-
-
-def run_killing_group(cmd: list[str], *, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """``subprocess.run`` in a new session whose whole process group is SIGKILLed on timeout.
-
-    Plain ``run`` kills only the launcher: its ranks and their data workers would outlive the test.
-    """
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # also what the launcher left behind after it exited
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def train_log(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in train_log(run_dir)}
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 def test_single_process_trains_checkpoints_exports(demo_shards_dir, tmp_path):
@@ -100,7 +24,7 @@ def test_single_process_trains_checkpoints_exports(demo_shards_dir, tmp_path):
     for r in rows:
         for k in ("train/loss", "train/loss_det", "train/loss_cap", "train/caption", "train/stage2_box"):
             assert math.isfinite(r[k]), (k, r)
-        assert r["train/images_per_s"] > 0 and r["train/lr"] > 0
+        assert r["train/images_per_s"] > 0 and r["train/lr"] > 0 and 0 <= r["train/data_wait_frac"] <= 1
     assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(3)]
     assert (run / "export" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and (run / "tokenizer").is_dir()
@@ -226,20 +150,3 @@ def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
     expected_state = trainer_state(ref, 6)
     assert trainer_state(cut, 6) == expected_state
     assert expected_state["step"] == 6 and expected_state["samples"] == 6 * 2 * 2
-
-
-def trainer_state(run_dir: Path, step: int) -> dict:
-    """The ``train`` part of a checkpoint's ``trainer_state.json``, less the wall time (the one field that
-    differs between identical runs)."""
-    path = run_dir / ck.CKPT_DIR / ck.checkpoint_name(step) / ck.STATE_FILE
-    state = json.loads(path.read_text())["train"]
-    assert state.pop("train_time_s") > 0
-    return state
-
-
-def assert_same_weights(expected: Path, got: Path) -> None:
-    """Two exported ``model.safetensors`` hold the same tensors, bit for bit."""
-    a, b = load_file(expected), load_file(got)
-    assert a.keys() == b.keys() and a
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:5]}"

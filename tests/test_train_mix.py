@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import ok, run_killing_group, run_train, train_log
+from helpers import ok, run_killing_group, run_train, train_log
 
 from ticod.shard_coco import main as shard_coco
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.parallel_ok]  # trainers of one process
 
 REAL = ["data.num_workers=0", "data.eval_batch_size=4", "eval.at_end=true", "eval.bertscore=false"]
 

@@ -88,6 +88,8 @@ class DataConfig:
     batch_size: int = 2  # per rank, per micro-step
     eval_batch_size: int = 2
     num_workers: int = 2
+    # Batches each loader worker prepares ahead; raise it (or num_workers) when train/data_wait_frac is high.
+    prefetch_factor: int = 4
     # Resize keeping aspect: shorter side to one of train_min_sizes (random: scale jitter), longer
     # side capped at max_size. Eval uses test_min_size.
     train_min_sizes: list[int] = field(default_factory=lambda: [800])
@@ -488,6 +490,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("data.batch_size", "batch sizes must be >= 1")
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    if cfg.data.prefetch_factor < 1:
+        fail("data.prefetch_factor", "must be >= 1")
     names = []
     for i, src in enumerate(cfg.data.sources):
         if not src.shards_dir:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ticod import cpu_comm
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, Precision
 from ticod.optim import build_optimizer, build_scheduler
@@ -31,14 +32,23 @@ def _ds():
     # DeepSpeed picks its accelerator at import time; with no GPU it must be told to use the CPU.
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        cpu_comm.use_venv_extensions_dir()  # where DeepSpeed builds its CPU comm op
     import deepspeed
 
     return deepspeed
 
 
 def init_distributed(backend: str, timeout_s: int) -> None:
-    """Start the process group (env:// variables prepared by ticod.distributed)."""
-    _ds().init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    """Start the process group (env:// variables prepared by ticod.distributed); on CPU, leave no shared
+    memory behind (:mod:`ticod.cpu_comm`)."""
+    deepspeed = _ds()
+    if backend == "gloo":
+        cpu_comm.sweep_dead_buffers()
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
+    )
+    if backend == "gloo":
+        cpu_comm.release_own_buffer(deepspeed.comm.get_rank(), deepspeed.comm.get_world_size())
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

@@ -27,10 +27,12 @@ import torch.distributed as dist
 
 from ticod import checkpoint as ckpt_lib
 from ticod import engine as engine_lib
+from ticod import startup
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
 from ticod.data.pipeline import build_train_loader, read_manifest
 from ticod.data.sources import label_space, resolve_sources
+from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
@@ -94,6 +96,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup.mark("imports")
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_config(config_path, overrides)
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_console_logging(info.rank)
     device = select_device(info)
     engine_lib.init_distributed(backend_for(device), cfg.deepspeed.dist_timeout_s)
+    startup.mark("process group")
     try:
         return train(cfg, rank=info.rank, world_size=info.world_size, device=device, preemption=preemption)
     except TrainingStopped as e:
@@ -140,6 +144,10 @@ class Run:
     loader: Any
     rng_from: Path | None  # the checkpoint whose RNG states this run continues (an exact resume)
     plan: Plan  # the budget resolved for this world size: steps, global batch, peak lr
+    data_wait: DataWaitWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_wait = DataWaitWatch(self.cfg.data.num_workers, self.cfg.data.prefetch_factor)
 
     def save(self) -> Path:
         ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
@@ -177,10 +185,14 @@ def train(
         ckpt_lib.restore_rng(run.rng_from)  # after iter(loader), which draws a seed from torch's RNG
     steps = run.plan.steps
     window, progress = Window(), make_progress(cfg, rank, state.step, steps)
-    consecutive_nonfinite = 0
+    consecutive_nonfinite, first_batch = 0, state.batches
     t_step = time.perf_counter()
     while state.step < steps:
+        t_wait = time.perf_counter()
         batch = next(batches)
+        window.data_wait += time.perf_counter() - t_wait
+        if state.batches == first_batch:
+            startup.mark("first batch", seek_s=batch.get("seek_s"))
         state.batches += 1
         window.add_stats(batch.get("stats", {}))
         boundary = engine.is_gradient_accumulation_boundary()
@@ -200,6 +212,8 @@ def train(
             continue
 
         state.step += 1
+        startup.mark("first step")
+        startup.report(cfg.run_dir, rank)
         now = time.perf_counter()
         state.train_time_s += now - t_step
         window.step_time += now - t_step
@@ -261,15 +275,18 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
             + (f" after merging by name ({space.describe()})" if len(sources) > 1 else "")
         )
 
+    startup.mark("preflight, tokenizer, manifests")
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
     if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
         init_from(model, cfg.model.init_from, categories, tokenizer)
     model = model.to(device)
+    startup.mark("model build")
     # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can.
     universal = bool(resume and resume.relayout and cfg.deepspeed.zero_stage > 0)
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
+    startup.mark("engine")
     seed_everything(cfg.seed + 1000 * rank + origin[0])
 
     state = TrainState(layout=layout, data=data)
@@ -285,6 +302,7 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         state.data = data
     elif cfg.checkpoint.resume == "auto":
         log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+    startup.mark("checkpoint load")
     if rank == 0:
         ckpt_lib.write_run_files(run_dir, ckpt_lib.RunFiles(to_yaml(cfg), categories, tokenizer))
     evaluator = Evaluator(cfg, tokenizer, categories, rank=rank, world_size=world_size, device=device)
@@ -297,6 +315,7 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         start_batch=state.batches,
         origin=state.origin,
     )
+    startup.mark("data loader")
     log.info(
         "training %s: %d parameters, world size %d on %s, steps %d -> %d",
         cfg.loss.task.value,
@@ -441,6 +460,7 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
         **{f"samples/{name}": n for name, n in sorted(state.sources.items())},
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
+    run.data_wait.update(state.step, metrics["data_wait_frac"])
     check_bad_fraction(state, run.cfg.max_bad_fraction)
     return metrics
 
@@ -475,6 +495,7 @@ class Window:
         self.read = 0
         self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>", "fixed/<reason>", "sources/<name>"
         self.step_time = 0.0
+        self.data_wait = 0.0  # seconds the loop waited for its next batch (ticod.data_wait)
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
 
@@ -496,14 +517,20 @@ class Window:
                 self.counts[f"{kind}/{reason}"] += int(n)
 
     def reduce(self, device: torch.device, world_size: int) -> dict[str, Any]:
-        """Mean losses over ranks; summed counts; images/s and the mean optimizer step time over the window.
+        """Mean losses over ranks; summed counts; images/s, the mean optimizer step time and the data wait
+        share (the slowest rank's) over the window.
 
         One all-reduce and one device-to-host read for the whole window.
         """
         keys = sorted(self.sums)
         reasons = sorted(all_reasons(self.counts, device))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        waits = rank_slots(wait_fraction(self.data_wait, self.step_time), rank, world_size)
         counts = torch.tensor(
-            [self.samples, self.read] + [self.counts[r] for r in reasons] + [self.had[k] for k in keys],
+            [self.samples, self.read]
+            + [self.counts[r] for r in reasons]
+            + [self.had[k] for k in keys]
+            + waits,
             dtype=torch.float64,
         )
         losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
@@ -513,12 +540,13 @@ class Window:
         values = vec.tolist()
         n = len(keys)
         samples, read = int(values[n]), int(values[n + 1])
-        had = values[n + 2 + len(reasons) :]
+        had = values[n + 2 + len(reasons) : n + 2 + len(reasons) + n]
         # A task's mean over the micro-batches that had its labels (all of them, without partial labels);
         # none in the window on any rank: not logged.
         out: dict[str, Any] = {k: values[i] / had[i] for i, k in enumerate(keys) if had[i]}
         out["images_per_s"] = samples / max(self.step_time, 1e-9)
         out["step_time_s"] = self.step_time / max(self.steps, 1)
+        out["data_wait_frac"] = max(values[len(values) - world_size :])
         out["samples"], out["read"] = samples, read
         out["bad"], out["fixed"], out["sources"] = {}, {}, {}
         for i, key in enumerate(reasons):

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -470,13 +471,16 @@ class _TrainStream(IterableDataset):
             bucket_of = self._item_bucket()
         # Of the rank's first start_batch batches this worker made every workers-th one.
         skip = len(range(worker, self.start_batch, workers))
+        seek_s = None  # seconds the seek took, handed out with the first batch ("seek_s")
         if skip and self.seekable:
             # Seek: the position after `skip` groups follows from the draws; read only the samples the
             # shuffle buffer and the grouping hold there (their stats were counted before the resume).
+            t = time.perf_counter()
             at = position_after(
                 plan, skip, self.batch_size, self._bucket_table() if self.group_by_aspect else None
             )
             buffer, waiting = self._read_at(plan, at.buffer), self._read_at(plan, at.pending)
+            seek_s = time.perf_counter() - t
             samples = itertools.chain(waiting, self._shuffled(plan, stats, at.step, at.next_source, buffer))
             groups = group_by_aspect(samples, self.batch_size, bucket_of)
         else:
@@ -492,7 +496,10 @@ class _TrainStream(IterableDataset):
             min_size = group_rng.choice(self.process.min_sizes) if self.group_by_aspect else None
             good = process_all(group, self.process, group_rng, stats, min_size)
             if good:  # an all-bad group (practically never) makes no batch; its stats go with the next
-                yield self.batch(good, stats.pop())
+                batch = self.batch(good, stats.pop())
+                if seek_s is not None:
+                    batch["seek_s"], seek_s = seek_s, None
+                yield batch
 
     @property
     def seekable(self) -> bool:
@@ -654,7 +661,7 @@ def build_train_loader(
             ", ".join(src.shards_dir for src in sources),
             ", ".join(src.train_split for src in sources),
         )
-    return _data_loader(stream, cfg.num_workers)
+    return _data_loader(stream, cfg.num_workers, cfg.prefetch_factor)
 
 
 def log_buffer_memory(cfg: DataConfig, manifest: dict[str, Any]) -> int:
@@ -716,7 +723,7 @@ def _kill_leftover_workers() -> None:
             child.kill()
 
 
-def _data_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+def _data_loader(stream: IterableDataset, num_workers: int, prefetch_factor: int = 4) -> DataLoader:
     if num_workers:
         atexit.unregister(_kill_leftover_workers)  # once, however many loaders are built
         atexit.register(_kill_leftover_workers)
@@ -727,7 +734,7 @@ def _data_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         worker_init_fn=_ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=prefetch_factor if num_workers else None,
         persistent_workers=False,
     )
 
@@ -847,4 +854,6 @@ def build_eval_loader(
     )
     keys = [k for s in manifest["shards"] for k in s.get("keys", [])]
     limit = max_samples or len(keys)
-    return EvalLoader(_data_loader(stream, cfg.num_workers), [int(k) for k in keys[:limit]])
+    return EvalLoader(
+        _data_loader(stream, cfg.num_workers, cfg.prefetch_factor), [int(k) for k in keys[:limit]]
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ok, run_train
+from helpers import ok, run_train
 
 from ticod.config import ConfigError, load_config
 from ticod.data.tokenizer import load_tokenizer

@@ -198,6 +198,8 @@ def train(
         boundary = engine.is_gradient_accumulation_boundary()
         # This micro-batch completes a step that gets logged (the step count rises below).
         log_now = boundary and is_log_step(cfg, state.step + 1, steps)
+        if log_now:  # before engine.step() moves the schedule on: the lrs this step applies
+            window.lrs = step_lrs(engine.optimizer)
         losses, grad_norm, stop = forward_backward(
             run, to_device(batch, device), log_now, preemption.requested
         )
@@ -447,7 +449,7 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
         for reason, n in metrics.pop(kind).items():
             totals[reason] = totals.get(reason, 0) + n
     metrics.update(
-        lr=engine.get_lr()[0],
+        **window.lrs,
         grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
         peak_mem_gb=peak_memory_gb(run.device),
         nonfinite_skipped=state.nonfinite,
@@ -498,6 +500,7 @@ class Window:
         self.data_wait = 0.0  # seconds the loop waited for its next batch (ticod.data_wait)
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
+        self.lrs: dict[str, float] = {}  # of the logged step (:func:`step_lrs`)
 
     def add_losses(
         self, losses: dict[str, torch.Tensor], batch_size: int, present: tuple[bool, bool] = (True, True)
@@ -652,6 +655,16 @@ def unreported_grad_norm(engine: Any) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def step_lrs(optimizer: Any) -> dict[str, float]:
+    """The lrs the optimizer's next step applies: ``lr`` of the heads, ``lr_backbone`` of the backbone
+    (by the group names of :func:`ticod.optim.param_groups`; a part without trainable parameters is absent)."""
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        key = "lr_backbone" if group["name"].startswith("backbone") else "lr"
+        out.setdefault(key, float(group["lr"]))
+    return out
 
 
 def _float(x: Any) -> float:

@@ -10,7 +10,7 @@ from ticod import checkpoint as ck
 from ticod.engine import UNIVERSAL_DIR
 from ticod.optim import warmup_cosine
 
-BACKBONE_LR = 2e-4  # configs/demo.yaml; train/lr is the first group's, the backbone's
+LR, BACKBONE_LR = 1e-3, 2e-4  # configs/demo.yaml; train/lr is the heads', train/lr_backbone the backbone's
 
 
 @pytest.mark.parametrize(
@@ -45,10 +45,14 @@ def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(
     assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir() == bool(stage)
     rows = train_log(run)[before:]
     assert [r["step"] for r in rows] == [3, 4]
-    # The logged lr is the next step's: step index r["step"] of a 4-step schedule with 1 warmup step (FAST).
+    # The logged lrs are those the step applied: step index r["step"] - 1 of a 4-step schedule with 1 warmup
+    # step (FAST).
     factor = warmup_cosine(1, 4, 0.01)
     assert [r["train/lr"] for r in rows] == pytest.approx(
-        [2 * BACKBONE_LR * factor(r["step"]) for r in rows], rel=1e-9
+        [2 * LR * factor(r["step"] - 1) for r in rows], rel=1e-9
+    )
+    assert [r["train/lr_backbone"] for r in rows] == pytest.approx(
+        [2 * BACKBONE_LR * factor(r["step"] - 1) for r in rows], rel=1e-9
     )
     final = ck.read_trainer_state(run / ck.CKPT_DIR / ck.checkpoint_name(4))
     assert final["plan"]["lr_scale"] == 2.0

@@ -36,6 +36,7 @@ from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
+from ticod.init_from import init_from
 from ticod.model_card import write_model_card
 from ticod.models.ticod import labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -197,6 +198,8 @@ def train(
         boundary = engine.is_gradient_accumulation_boundary()
         # This micro-batch completes a step that gets logged (the step count rises below).
         log_now = boundary and is_log_step(cfg, state.step + 1, steps)
+        if log_now:  # before engine.step() moves the schedule on: the lrs this step applies
+            window.lrs = step_lrs(engine.optimizer)
         losses, grad_norm, stop = forward_backward(
             run, to_device(batch, device), log_now, preemption.requested
         )
@@ -279,7 +282,10 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     startup.mark("preflight, tokenizer, manifests")
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer)
+    if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
+        init_from(model, cfg.model.init_from, categories, tokenizer)
+    model = model.to(device)
     startup.mark("model build")
     # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can. Another
     # batch, accumulation or loader workers on the same world size load the shards as they are.
@@ -445,7 +451,7 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     for key in ("samples", "read", "bad", "fixed", "sources"):
         metrics.pop(key)
     metrics.update(
-        lr=engine.get_lr()[0],
+        **window.lrs,
         grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
         peak_mem_gb=peak_memory_gb(run.device),
         nonfinite_skipped=state.nonfinite,
@@ -520,6 +526,7 @@ class Window:
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
         self.folded: dict[str, int] = {}  # counts already added to the run totals (train.fold_window)
+        self.lrs: dict[str, float] = {}  # of the logged step (:func:`step_lrs`)
 
     def add_losses(
         self, losses: dict[str, torch.Tensor], batch_size: int, present: tuple[bool, bool] = (True, True)
@@ -674,6 +681,16 @@ def unreported_grad_norm(engine: Any) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def step_lrs(optimizer: Any) -> dict[str, float]:
+    """The lrs the optimizer's next step applies: ``lr`` of the heads, ``lr_backbone`` of the backbone
+    (by the group names of :func:`ticod.optim.param_groups`; a part without trainable parameters is absent)."""
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        key = "lr_backbone" if group["name"].startswith("backbone") else "lr"
+        out.setdefault(key, float(group["lr"]))
+    return out
 
 
 def _float(x: Any) -> float:

@@ -479,6 +479,7 @@ class _TrainStream(IterableDataset):
             at = position_after(
                 plan, skip, self.batch_size, self._bucket_table() if self.group_by_aspect else None
             )
+            self._warn_truncated_before(plan, at.next_source)
             buffer, waiting = self._read_at(plan, at.buffer), self._read_at(plan, at.pending)
             seek_s = time.perf_counter() - t
             samples = itertools.chain(waiting, self._shuffled(plan, stats, at.step, at.next_source, buffer))
@@ -557,6 +558,24 @@ class _TrainStream(IterableDataset):
         wanted = list(zip(shard.tolist(), sample.tolist(), strict=True))
         got = {key: read_one(self.shards[key[0]], key[1]) for key in sorted(set(wanted))}
         return [got[key] for key in wanted]
+
+    def _warn_truncated_before(self, plan: StreamPlan, position: int) -> None:
+        """Warn about the shards the stream read before source ``position`` whose files are now shorter than
+        their byte offsets say: the seek does not read them again, and the samples of theirs that the
+        shuffle buffer holds are lost, so the resumed stream is not the uninterrupted run's."""
+        draw = int(plan.locate(np.array([position]))[0][0])
+        drawn = sorted({plan.shard(j) for j in range(draw + 1)})
+        for shard in (self.shards[i] for i in drawn):
+            assert shard.byte_offsets is not None
+            size = Path(shard.path).stat().st_size if Path(shard.path).is_file() else 0
+            if size < shard.byte_offsets[-1]:
+                log.warning(
+                    "%s is truncated (%d of %d bytes) and the stream read it before the resume point: what "
+                    "the resumed stream takes from it is lost, so it is not the uninterrupted run's",
+                    shard.path,
+                    size,
+                    shard.byte_offsets[-1],
+                )
 
     def _buckets(self) -> np.ndarray:
         """The aspect bucket of each sample (by global index), from the manifest's image sizes."""

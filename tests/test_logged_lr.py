@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_train import ok, run_train, train_log
+from helpers import ok, run_train, train_log
 
 from ticod.optim import warmup_cosine
 

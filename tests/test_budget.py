@@ -205,8 +205,8 @@ def test_train_runs_the_budget_in_samples(demo_shards_dir, tmp_path):
         "deepspeed.zero_stage=0",
         "train_samples=6",
     ]
-    # FAST sets optim.warmup_steps=1 (2 samples here); scaling 2 / 4 halves the lrs. train/lr is the first
-    # group's, the backbone's.
+    # FAST sets optim.warmup_steps=1 (2 samples here); scaling 2 / 4 halves the lrs. train/lr is the heads',
+    # train/lr_backbone the backbone's.
     proc = run_train([*args, "optim.lr_scaling=linear", "optim.reference_batch=4"])
     ok(proc)
     line = (
@@ -216,9 +216,14 @@ def test_train_runs_the_budget_in_samples(demo_shards_dir, tmp_path):
     assert line in proc.stderr
     rows = train_log(run)
     assert [(r["step"], r["train/samples"]) for r in rows] == [(1, 2), (2, 4), (3, 6)]
-    # train/lr is read after the optimizer step: the lr of the next step, (step + 1) * 2 samples at its end.
+    # The lrs the logged step applied (its 0-based index is step - 1), step * 2 samples at its end.
     factor = warmup_cosine_samples(2, 6, 2, 0.01)
-    assert [r["train/lr"] for r in rows] == pytest.approx([1e-4 * factor(r["step"]) for r in rows], rel=1e-12)
+    assert [r["train/lr"] for r in rows] == pytest.approx(
+        [5e-4 * factor(r["step"] - 1) for r in rows], rel=1e-12
+    )
+    assert [r["train/lr_backbone"] for r in rows] == pytest.approx(
+        [1e-4 * factor(r["step"] - 1) for r in rows], rel=1e-12
+    )
     state = json.loads((run / ck.CKPT_DIR / ck.checkpoint_name(3) / ck.STATE_FILE).read_text())
     assert state["train"]["samples"] == 6
     assert {k: state["plan"][k] for k in ("global_batch", "steps", "samples", "dataset_size", "lr")} == {
@@ -241,9 +246,12 @@ def test_one_and_two_ranks_train_the_same_samples_at_the_same_lr(demo_shards_dir
         rows, batch = train_log(run), 2 * nproc
         assert [r["step"] for r in rows] == list(range(1, 16 // batch + 1))
         assert rows[-1]["train/samples"] == 16
-        # Keyed by the samples at the end of the step the logged lr is for (see the test above).
-        lr_at[nproc] = {r["train/samples"] + batch: r["train/lr"] for r in rows}
+        # Keyed by the samples at the end of the step the logged lr was applied in (see the test above).
+        lr_at[nproc] = {r["train/samples"]: (r["train/lr"], r["train/lr_backbone"]) for r in rows}
     shared = sorted(lr_at[1].keys() & lr_at[2].keys())
-    assert shared == [8, 12, 16]
+    assert shared == [4, 8, 12, 16]
     assert [lr_at[1][s] for s in shared] == [lr_at[2][s] for s in shared]
-    assert [lr_at[1][s] for s in shared] == pytest.approx([2e-4, 2e-4 * (0.01 + 0.99 * 0.5), 2e-4 * 0.01])
+    factors = [0.5, 1.0, 0.01 + 0.99 * 0.5, 0.01]
+    assert [lr for s in shared for lr in lr_at[1][s]] == pytest.approx(
+        [p * f for f in factors for p in (1e-3, 2e-4)]
+    )

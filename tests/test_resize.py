@@ -47,14 +47,15 @@ def test_resume_onto_one_rank_from_two_continues_at_the_same_sample_count(demo_s
     assert final["plan"]["steps"] == 10 and final["plan"]["samples"] == 24
     assert (final["plan"]["origin_step"], final["plan"]["origin_samples"]) == (2, 8)
     assert final["train"]["layout"] == [1, 1, 2, 1] and final["train"]["origin"] == 2
-    # The lr follows the samples done: after step s of the resumed run, 8 + (s - 2) * 2 (the logged lr, of
-    # the backbone, is the one of the next step: that many samples + 2). Warmup 4, cosine to 24 samples.
-    peak, floor = 2e-4, 0.01  # configs/demo.yaml: optim.backbone_lr, optim.min_lr_ratio
+    # The lr follows the samples done: step s of the resumed run ends at 8 + (s - 2) * 2 samples (the logged
+    # lrs are those that step applied). Warmup 4, cosine to 24 samples.
+    floor = 0.01  # configs/demo.yaml: optim.min_lr_ratio; optim.lr 1e-3, optim.backbone_lr 2e-4
     for r in rows:
-        done = 8 + (r["step"] - 2) * 2 + 2
+        done = 8 + (r["step"] - 2) * 2
         progress = min(1.0, (done - 4) / (24 - 4))
-        expected = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-        assert r["train/lr"] == pytest.approx(expected, rel=1e-6), r["step"]
+        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert r["train/lr"] == pytest.approx(1e-3 * factor, rel=1e-6), r["step"]
+        assert r["train/lr_backbone"] == pytest.approx(2e-4 * factor, rel=1e-6), r["step"]
     assert all(math.isfinite(r["train/loss"]) for r in rows)
     # The optimizer state came along (Adam's step count goes on from 2), and so did the weights.
     optim = torch.load(

@@ -1,5 +1,5 @@
 """A resume onto another global batch trains at the new plan's peak lr (issue 25, defect 1), with ZeRO stage
-0 and through DeepSpeed's universal checkpoint (ZeRO-2, another layout)."""
+0 (another batch size) and through DeepSpeed's universal checkpoint (ZeRO-2, one rank then two)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ from ticod import checkpoint as ck
 from ticod.engine import UNIVERSAL_DIR
 from ticod.optim import warmup_cosine
 
-BACKBONE_LR = 2e-4  # configs/demo.yaml; train/lr is the first group's, the backbone's
+LR, BACKBONE_LR = 1e-3, 2e-4  # configs/demo.yaml; train/lr is the heads', train/lr_backbone the backbone's
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(demo_shards_dir, tmp_path, stage):
-    """Global batch 2 for 2 steps, then 4 from the step-2 checkpoint: with the linear rule against reference
-    batch 2 the peak lr doubles, and the logged lr of steps 3 and 4 is the new peak times the step schedule."""
+@pytest.mark.parametrize(
+    ("stage", "resume_as"),
+    [(0, ["data.batch_size=4"]), pytest.param(2, [], marks=pytest.mark.slow)],
+    ids=["zero0-batch4", "zero2-two-ranks"],
+)
+def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(
+    demo_shards_dir, tmp_path, stage, resume_as
+):
+    """Global batch 2 for 2 steps, then 4 from the step-2 checkpoint (batch 4 on one rank, or 2 on each of two
+    ranks): with the linear rule against reference batch 2 the peak lr doubles, and the logged lr of steps 3
+    and 4 is the new peak times the step schedule."""
     run = tmp_path / "run"
     common = [
         f"run_dir={run}",
@@ -31,17 +38,21 @@ def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(demo_shards_di
     assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(2)]
     before = len(train_log(run))
 
-    resumed = run_train([*common, "data.batch_size=4", "--resume", "auto"])
+    resumed = run_train([*common, *resume_as, "--resume", "auto"], nproc=1 if resume_as else 2)
     ok(resumed)
     assert "peak lr 0.002 heads / 0.0004 backbone (x2 for the global batch)" in resumed.stderr
-    if stage:  # another layout at ZeRO-2: loaded through the universal form
-        assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir()
+    # Another world size at ZeRO-2: loaded through the universal form.
+    assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir() == bool(stage)
     rows = train_log(run)[before:]
     assert [r["step"] for r in rows] == [3, 4]
-    # The logged lr is the next step's: step index r["step"] of a 4-step schedule with 1 warmup step (FAST).
+    # The logged lrs are those the step applied: step index r["step"] - 1 of a 4-step schedule with 1 warmup
+    # step (FAST).
     factor = warmup_cosine(1, 4, 0.01)
     assert [r["train/lr"] for r in rows] == pytest.approx(
-        [2 * BACKBONE_LR * factor(r["step"]) for r in rows], rel=1e-9
+        [2 * LR * factor(r["step"] - 1) for r in rows], rel=1e-9
+    )
+    assert [r["train/lr_backbone"] for r in rows] == pytest.approx(
+        [2 * BACKBONE_LR * factor(r["step"] - 1) for r in rows], rel=1e-9
     )
     final = ck.read_trainer_state(run / ck.CKPT_DIR / ck.checkpoint_name(4))
     assert final["plan"]["lr_scale"] == 2.0

@@ -3,6 +3,7 @@ real COCO sample, a one-rank process group. Shared functions and constants are i
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -155,3 +156,33 @@ def single_rank_pg():
 
             init_distributed("gloo", 60)
         yield
+
+
+@pytest.fixture(scope="session")
+def mix(demo_coco_dir: Path, demo_shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three sources: ``shapes`` (the demo shards: boxes and captions), ``boxes`` (the demo train images
+    with their boxes only, two categories renamed) and ``caps`` (the demo val images, captions only)."""
+    from ticod.data.coco import load_records
+    from ticod.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("mix")
+    ann = demo_coco_dir / "annotations"
+    inst = json.loads((ann / "instances_train.json").read_text())
+    for c in inst["categories"]:
+        c["name"] = {"circle": "round", "square": "box"}.get(c["name"], c["name"])
+    (root / "instances_renamed.json").write_text(json.dumps(inst))
+    records, cats = load_records(root / "instances_renamed.json", None)
+    write_shards(
+        records, cats, demo_coco_dir / "train", root / "boxes", "train", samples_per_shard=6, progress=False
+    )
+    records, cats = load_records(None, ann / "captions_val.json")
+    write_shards(
+        records, cats, demo_coco_dir / "val", root / "caps", "train", samples_per_shard=3, progress=False
+    )
+    (root / "map.yaml").write_text("boxes:\n  round: circle\n  box: square\n")
+    sources = (
+        f"data.sources=[{{name: shapes, shards_dir: {demo_shards_dir}, weight: 2}}, "
+        f"{{name: boxes, shards_dir: {root / 'boxes'}, weight: 1}}, "
+        f"{{name: caps, shards_dir: {root / 'caps'}, weight: 1}}]"
+    )
+    return {"root": root, "sources": sources, "map": root / "map.yaml", "tok": demo_shards_dir / "tokenizer"}

@@ -7,15 +7,26 @@ import random
 from pathlib import Path
 
 import torch
-from test_checkpoint import Toy
-from test_model_ticod import train_losses
 from tiny_model import BOS, EOS, TINY, VOCAB, batch
+from torch import nn
 
 from ticod import checkpoint as ck
 from ticod.config import BoxLoss, load_config
 from ticod.models import TICOD
 
 SMALL = Path(__file__).resolve().parents[1] / "configs" / "ticod_small.yaml"
+
+
+class Toy(nn.Module):
+    """The two parameter groups of the real model, ``backbone.*`` and the heads, for a DeepSpeed engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.backbone(x))).pow(2).mean()
 
 
 def test_reference_box_loss_weight_reaches_the_combined_loss():
@@ -41,7 +52,8 @@ def test_reference_box_loss_weight_reaches_the_combined_loss():
     assert stage_weights == [1.0, 0.5, 0.25] and lam == 0.1
     torch.manual_seed(0)
     model = TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS)
-    parts = train_losses(model, batch())
+    b = batch()
+    parts = model.train()(b["images"], b["targets"], b["captions"], image_sizes=b["image_sizes"])
     boxes = [parts[f"stage{i}_box"] for i in range(3)]
     assert all(b.item() > 0 for b in boxes)  # the weight has something to weigh
     det = parts["rpn_objectness"] + parts["rpn_box"]

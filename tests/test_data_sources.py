@@ -3,65 +3,23 @@ batch, per-source counts, and an exact resume."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import train_label_space
 
 from ticod.config import load_config
-from ticod.data.coco import load_records
 from ticod.data.pipeline import build_train_loader
 from ticod.data.plan import StreamPlan
-from ticod.data.shards import read_manifest, write_shards
 from ticod.data.sources import (
     LabelSpace,
     SourceError,
-    label_space,
-    resolve_sources,
     shard_weights,
     source_category_ids,
 )
 from ticod.data.tokenizer import load_tokenizer
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
-# The boxes-only source spells two of the demo's categories differently.
-RENAMED = {"circle": "round", "square": "box"}
-
-
-@pytest.fixture(scope="module")
-def mix(demo_coco_dir: Path, demo_shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Three sources: ``shapes`` (the demo shards: boxes and captions), ``boxes`` (the demo train images
-    with their boxes only, two categories renamed) and ``caps`` (the demo val images, captions only)."""
-    root = tmp_path_factory.mktemp("mix")
-    ann = demo_coco_dir / "annotations"
-    inst = json.loads((ann / "instances_train.json").read_text())
-    for c in inst["categories"]:
-        c["name"] = RENAMED.get(c["name"], c["name"])
-    (root / "instances_renamed.json").write_text(json.dumps(inst))
-    records, cats = load_records(root / "instances_renamed.json", None)
-    write_shards(
-        records, cats, demo_coco_dir / "train", root / "boxes", "train", samples_per_shard=6, progress=False
-    )
-    records, cats = load_records(None, ann / "captions_val.json")
-    write_shards(
-        records, cats, demo_coco_dir / "val", root / "caps", "train", samples_per_shard=3, progress=False
-    )
-    (root / "map.yaml").write_text("boxes:\n  round: circle\n  box: square\n")
-    sources = (
-        f"data.sources=[{{name: shapes, shards_dir: {demo_shards_dir}, weight: 2}}, "
-        f"{{name: boxes, shards_dir: {root / 'boxes'}, weight: 1}}, "
-        f"{{name: caps, shards_dir: {root / 'caps'}, weight: 1}}]"
-    )
-    return {"root": root, "sources": sources, "map": root / "map.yaml", "tok": demo_shards_dir / "tokenizer"}
-
-
-def train_label_space(cfg) -> LabelSpace:
-    sources = resolve_sources(cfg)
-    return label_space(
-        sources, [read_manifest(s.shards_dir, s.train_split) for s in sources], cfg.category_map
-    )
 
 
 def test_shard_weights_give_each_source_its_share_and_its_samples_equal_chances() -> None:

@@ -33,6 +33,7 @@ from tiny_model import (
     ground_truth_from,
     make_batches,
     predict_batches,
+    save_ground_truth,
     word_tokenizer,
 )
 
@@ -54,14 +55,6 @@ from ticod.evaluate import (
 )
 from ticod.models import TICOD
 from ticod.visualize import label_color
-
-
-def save_ground_truth(records: list[dict], directory: Path) -> str:
-    """:func:`ground_truth_from` the records, saved for spawned ranks; returns the file."""
-    gt = ground_truth_from(records)
-    path = directory / "gt.pt"
-    torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------ unit tests

@@ -1,5 +1,5 @@
 """A resume onto another global batch trains at the new plan's peak lr (issue 25, defect 1), with ZeRO stage
-0 and through DeepSpeed's universal checkpoint (ZeRO-2, another layout)."""
+0 (another batch size) and through DeepSpeed's universal checkpoint (ZeRO-2, one rank then two)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,17 @@ from ticod.optim import warmup_cosine
 LR, BACKBONE_LR = load_config(DEMO).optim.lr, load_config(DEMO).optim.backbone_lr
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(demo_shards_dir, tmp_path, stage):
-    """Global batch 2 for 2 steps, then 4 from the step-2 checkpoint: with the linear rule against reference
-    batch 2 the peak lr doubles, and the logged lr of steps 3 and 4 is the new peak times the step schedule."""
+@pytest.mark.parametrize(
+    ("stage", "resume_as"),
+    [(0, ["data.batch_size=4"]), pytest.param(2, [], marks=pytest.mark.slow)],
+    ids=["zero0-batch4", "zero2-two-ranks"],
+)
+def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(
+    demo_shards_dir, tmp_path, stage, resume_as
+):
+    """Global batch 2 for 2 steps, then 4 from the step-2 checkpoint (batch 4 on one rank, or 2 on each of two
+    ranks): with the linear rule against reference batch 2 the peak lr doubles, and the logged lr of steps 3
+    and 4 is the new peak times the step schedule."""
     run = tmp_path / "run"
     common = [
         f"run_dir={run}",
@@ -33,14 +40,14 @@ def test_a_resume_onto_a_larger_global_batch_uses_the_new_peak_lr(demo_shards_di
     assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(2)]
     before = len(train_log(run))
 
-    resumed = run_train([*common, "data.batch_size=4", "--resume", "auto"])
+    resumed = run_train([*common, *resume_as, "--resume", "auto"], nproc=1 if resume_as else 2)
     ok(resumed)
     assert (
         f"peak lr {2 * LR:.3g} heads / {2 * BACKBONE_LR:.3g} backbone (x2 for the global batch)"
         in resumed.stderr
     )
-    if stage:  # another layout at ZeRO-2: loaded through the universal form
-        assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir()
+    # Another world size at ZeRO-2: loaded through the universal form.
+    assert (run / ck.CKPT_DIR / ck.checkpoint_name(2) / UNIVERSAL_DIR / "zero").is_dir() == bool(stage)
     rows = train_log(run)[before:]
     assert [r["step"] for r in rows] == [3, 4]
     # The logged lrs are those the step applied: step index r["step"] - 1 of a 4-step schedule with 1 warmup

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
@@ -212,3 +213,11 @@ def ground_truth_from(records: list[dict]) -> GroundTruth:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return GroundTruth(coco, refs, sorted(r["image_id"] for r in records))
+
+
+def save_ground_truth(records: list[dict], directory: Path) -> str:
+    """:func:`ground_truth_from` the records, saved for spawned ranks; returns the file."""
+    gt = ground_truth_from(records)
+    path = directory / "gt.pt"
+    torch.save({"instances": gt.instances, "captions": gt.captions, "image_ids": gt.image_ids}, path)
+    return str(path)

@@ -222,6 +222,9 @@ class ModelConfig:
     roi: RoIConfig = field(default_factory=RoIConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     num_classes: int = 80  # foreground classes K; labels are 1..K (0 is background)
+    # Fine-tune: start from a trained TICOD's weights (export dir, run dir or checkpoint dir) with a fresh
+    # optimizer and schedule; another label set keeps the rows of the classes both have (ticod/init_from.py).
+    init_from: str = ""
 
 
 # ------------------------------------------------------------------------------------ training

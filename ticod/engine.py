@@ -12,6 +12,7 @@ deltas (box coding, proposal filtering, matching), and RoIAlign samples in fp32 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -117,15 +118,25 @@ def build_engine(
 
 def to_universal(checkpoint_dir: Path) -> Path:
     """DeepSpeed's universal form of a ZeRO 1–3 checkpoint, which loads at any world size; made once, by the
-    calling rank, beside the shards (``checkpoint_dir/universal``) and published atomically."""
+    calling rank, beside the shards (``checkpoint_dir/universal``) and published atomically.
+
+    Jobs that resume from the same checkpoint at once (two requeued jobs of one run dir) take turns: the
+    conversion holds an exclusive ``flock`` on ``checkpoint_dir/universal.lock``, so the first converts and
+    publishes with a rename, the others wait and then find it done. A conversion that died leaves only
+    ``.tmp-universal``, which the next one removes. ``run_dir`` must then be on a filesystem where ``flock``
+    works across nodes (local, NFSv4, Lustre mounted with ``flock``).
+    """
     from argparse import Namespace
 
     from deepspeed.checkpoint import ds_to_universal
 
     out = checkpoint_dir / UNIVERSAL_DIR
-    if not (out / "zero").is_dir():
+    with open(checkpoint_dir / f"{UNIVERSAL_DIR}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (out / "zero").is_dir():
+            return out
         tmp = checkpoint_dir / f".tmp-{UNIVERSAL_DIR}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that died
         args = Namespace(
             input_folder=str(checkpoint_dir),
             output_folder=str(tmp),
@@ -137,7 +148,7 @@ def to_universal(checkpoint_dir: Path) -> Path:
         )
         ds_to_universal.main(args)
         (checkpoint_dir / "latest_universal").unlink(missing_ok=True)  # written by the converter; unused
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete one not made here (no zero/)
         tmp.rename(out)
     return out
 

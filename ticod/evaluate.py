@@ -177,20 +177,41 @@ def _from_rank0(payload: Any, world_size: int) -> Any:
     return box[0]
 
 
-def _lockstep(batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any] | None]:
-    """This rank's batches, then None until every rank has run out of batches (one all-reduce per step)."""
-    it = iter(batches)
-    batch: dict[str, Any] | None = None
-    exhausted = False
-    while True:
-        if not exhausted:
-            batch = next(it, None)
-            exhausted = batch is None
-        more = torch.tensor([0.0 if exhausted else 1.0], device=device)
-        dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
-            return
-        yield batch
+class _Lockstep:
+    """This rank's batches, then None until every rank has run out of batches: one all-reduce per step of
+    [more batches, failed], so the ranks stop together as soon as any rank failed (:meth:`fail`).
+
+    A rank whose step failed before its model forward must still run the forward the others run in that
+    step (a stand-in) before the next all-reduce; the prediction loop does (:func:`_predict`).
+    """
+
+    def __init__(self, batches: Iterable[dict[str, Any]], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+        self.error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        """Record this rank's failure: every rank stops at the next step."""
+        if self.error is None:
+            self.error = error
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        it = iter(self.batches)
+        exhausted = False
+        while True:
+            batch: dict[str, Any] | None = None
+            if not exhausted and self.error is None:
+                try:
+                    batch = next(it, None)
+                except Exception as e:  # a broken loader: told to the others below, raised after the loop
+                    self.fail(e)
+                exhausted = batch is None
+            flags = torch.tensor([0.0 if exhausted else 1.0, 0.0 if self.error is None else 1.0])
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            more, failed = flags.tolist()
+            if failed or not more:
+                return
+            yield batch
 
 
 @contextlib.contextmanager
@@ -252,27 +273,40 @@ def _predict(
     samples: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
     read = bad = 0
     dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, device=device)
+    steps = _Lockstep(loader, device) if synced else None
     model.eval()
     with torch.no_grad(), _synced_generation(model, synced):
-        for batch in _lockstep(loader, device) if synced else loader:
-            stats = batch.get("stats", {}) if batch else {}
-            read += int(stats.get("read", 0))
-            bad += sum(int(n) for n in stats.get("bad", {}).values())
-            meta = batch["meta"] if batch else []
-            if not meta:
-                if synced:
+        for batch in steps if steps is not None else loader:
+            forwarded = False  # this step's model forward was started (a collective with ZeRO-3)
+            try:
+                stats = batch.get("stats", {}) if batch else {}
+                read += int(stats.get("read", 0))
+                bad += sum(int(n) for n in stats.get("bad", {}).values())
+                meta = batch["meta"] if batch else []
+                if not meta:
+                    if synced:
+                        forwarded = True
+                        model(dummy)
+                    continue
+                images = batch["images"].to(device, non_blocking=True)
+                image_sizes, orig_sizes = batch["image_sizes"], [tuple(m["orig_size"]) for m in meta]
+                forwarded = True
+                outputs = model(images, image_sizes=image_sizes, orig_sizes=orig_sizes)
+                new = to_records(outputs, meta, tokenizer)
+                records += new
+                for i in range(min(len(new), num_samples - len(samples))):
+                    h, w = batch["image_sizes"][i]
+                    samples.append((batch["images"][i, :, :h, :w].cpu(), meta[i], new[i]))
+            except Exception as e:
+                if steps is None:
+                    raise
+                # The other ranks stop at the next step; this one makes the forward they make in this one
+                # (a failure inside the forward itself leaves its collectives unmatched: not recoverable).
+                steps.fail(e)
+                if not forwarded:
                     model(dummy)
-                continue
-            outputs = model(
-                batch["images"].to(device, non_blocking=True),
-                image_sizes=batch["image_sizes"],
-                orig_sizes=[tuple(m["orig_size"]) for m in meta],
-            )
-            new = to_records(outputs, meta, tokenizer)
-            records += new
-            for i in range(min(len(new), num_samples - len(samples))):
-                h, w = batch["image_sizes"][i]
-                samples.append((batch["images"][i, :, :h, :w].cpu(), meta[i], new[i]))
+    if steps is not None and steps.error is not None:
+        raise steps.error
     return records, read, bad, samples
 
 

@@ -36,6 +36,7 @@ from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
+from ticod.init_from import init_from
 from ticod.model_card import write_model_card
 from ticod.models.ticod import labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -204,7 +205,7 @@ def train(
         )
         if losses is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
-            stop_if_nonfinite(run, consecutive_nonfinite)
+            stop_if_nonfinite(run, consecutive_nonfinite, window)
             continue
         consecutive_nonfinite = 0
         window.grad_norm = grad_norm
@@ -229,6 +230,7 @@ def train(
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < steps:
             run.evaluate()
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+            fold_window(run, window)
             run.save()
         inject_process_fault(cfg.faults, state.step, rank)
         # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
@@ -236,6 +238,7 @@ def train(
         if stop:
             if not preemption.requested:
                 log.info("another rank received a stop signal")
+            fold_window(run, window)
             path = run.save()
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
             run.tracker.close()
@@ -279,10 +282,14 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     startup.mark("preflight, tokenizer, manifests")
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer)
+    if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
+        init_from(model, cfg.model.init_from, categories, tokenizer)
+    model = model.to(device)
     startup.mark("model build")
-    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can.
-    universal = bool(resume and resume.relayout and cfg.deepspeed.zero_stage > 0)
+    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can. Another
+    # batch, accumulation or loader workers on the same world size load the shards as they are.
+    universal = bool(resume and resume.world_size != world_size and cfg.deepspeed.zero_stage > 0)
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
     startup.mark("engine")
     seed_everything(cfg.seed + 1000 * rank + origin[0])
@@ -338,6 +345,7 @@ class Resume:
     relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
     origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
     progress: float = 0.0  # the lr cosine's progress at the origin (Plan.origin_progress)
+    world_size: int = 0  # that the checkpoint was saved at (its ZeRO shards' partitioning)
 
 
 def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
@@ -355,7 +363,7 @@ def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
     else:  # the layout of the saved plan goes on, from wherever it began
         origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
         progress = plan.origin_progress if plan else 0.0
-    return Resume(ckpt, saved, relayout, origin, progress)
+    return Resume(ckpt, saved, relayout, origin, progress, saved["train"].get("layout", layout)[0])
 
 
 def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:
@@ -421,10 +429,11 @@ def is_log_step(cfg: Config, step: int, last: int) -> bool:
     return step % cfg.logging.log_every == 0 or step == last
 
 
-def stop_if_nonfinite(run: Run, consecutive: int) -> None:
+def stop_if_nonfinite(run: Run, consecutive: int, window: Window) -> None:
     """Warn about a skipped micro-batch; save and stop after ``max_nonfinite`` in a row."""
     log.warning("non-finite loss at step %d (skipped; %d in a row)", run.state.step, consecutive)
     if consecutive >= run.cfg.max_nonfinite:
+        fold_window(run, window)
         # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
         path = run.save()
         raise TrainingStopped(
@@ -438,12 +447,9 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     bad data."""
     state, engine = run.state, run.engine
     metrics = window.reduce(run.device, run.world_size)
-    state.samples += metrics.pop("samples")
-    state.samples_read += metrics.pop("read")
-    for kind in ("bad", "fixed", "sources"):
-        totals = getattr(state, kind)
-        for reason, n in metrics.pop(kind).items():
-            totals[reason] = totals.get(reason, 0) + n
+    add_counts(state, window, metrics)
+    for key in ("samples", "read", "bad", "fixed", "sources"):
+        metrics.pop(key)
     metrics.update(
         **window.lrs,
         grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
@@ -461,6 +467,29 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     run.data_wait.update(state.step, metrics["data_wait_frac"])
     check_bad_fraction(state, run.cfg.max_bad_fraction)
     return metrics
+
+
+def fold_window(run: Run, window: Window) -> None:
+    """Add the open log window's counts to the run totals before a checkpoint between log steps (a periodic
+    save, a stop): the checkpoint then holds every sample trained on and read, and the totals add up
+    across a requeue. The window's log line later adds only what came after. Collective (all ranks)."""
+    add_counts(run.state, window, window.reduce(run.device, run.world_size))
+
+
+def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> None:
+    """Add the counts of a reduced ``window`` (:meth:`Window.reduce`) to the run totals, less those an
+    earlier :func:`fold_window` of the same window added."""
+    counts = {"samples": reduced["samples"], "read": reduced["read"]}
+    for kind in ("bad", "fixed", "sources"):
+        counts.update({f"{kind}/{reason}": n for reason, n in reduced[kind].items()})
+    new = {k: n - window.folded.get(k, 0) for k, n in counts.items()}
+    window.folded = counts
+    state.samples += new.pop("samples")
+    state.samples_read += new.pop("read")
+    for key, n in new.items():
+        kind, reason = key.split("/", 1)
+        totals = getattr(state, kind)
+        totals[reason] = totals.get(reason, 0) + n
 
 
 def finish(run: Run) -> None:
@@ -496,6 +525,7 @@ class Window:
         self.data_wait = 0.0  # seconds the loop waited for its next batch (ticod.data_wait)
         self.steps = 0  # optimizer steps in the window
         self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
+        self.folded: dict[str, int] = {}  # counts already added to the run totals (train.fold_window)
         self.lrs: dict[str, float] = {}  # of the logged step (:func:`step_lrs`)
 
     def add_losses(

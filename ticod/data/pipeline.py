@@ -221,10 +221,23 @@ class SampleProcessor:
     ) -> None:
         self.cmap = CategoryMap(categories)
         self.sources = list(sources)
+        # Per source: the labels it annotates as a (K + 1,) mask with background, None where it annotates
+        # every class (one source; then the target carries no mask and the losses are as without sources).
+        self.classes = [self._classes(remap) for _, remap in self.sources]
         self.train = train
         self.min_sizes = [int(s) for s in cfg.train_min_sizes] if train else [int(cfg.test_min_size)]
         self.max_size = int(cfg.max_size)
         self.hflip_prob = float(cfg.hflip_prob) if train else 0.0  # eval never flips
+
+    def _classes(self, remap: dict[int, int] | None) -> torch.Tensor | None:
+        if remap is None:
+            return None
+        labels = {self.cmap.to_label(c) for c in remap.values()}
+        if len(labels) == len(self.cmap):
+            return None
+        mask = torch.zeros(len(self.cmap) + 1, dtype=torch.bool)
+        mask[[0, *sorted(labels)]] = True
+        return mask
 
     def _meta(self, sample: dict[str, Any]) -> dict[str, Any]:
         if "json" not in sample:
@@ -282,6 +295,7 @@ class SampleProcessor:
         """The processed sample; ``min_size``: the short side drawn for its batch (None: drawn here)."""
         meta = self._meta(sample)
         source, remap = self.sources[int(sample.get("__source__", 0))]
+        classes = self.classes[int(sample.get("__source__", 0))]
         has_boxes, has_caption = record_tasks(meta)
         if "jpg" not in sample:
             raise BadSample(MISSING_JPEG)
@@ -304,9 +318,12 @@ class SampleProcessor:
         caption = (rng.choice(captions) if self.train else captions[0]) if captions else ""
         if flipped:
             caption = swap_left_right(caption)
+        target = {"boxes": boxes[keep], "labels": labels[keep]}
+        if classes is not None:  # a source of a mix that annotates only some classes
+            target["classes"] = classes
         return {
             "image": to_uint8_tensor(image),
-            "target": {"boxes": boxes[keep], "labels": labels[keep]},
+            "target": target,
             "caption": caption,
             # Which losses this sample takes part in (a sample without box labels is not a negative).
             "tasks": (has_boxes, has_caption),
@@ -349,6 +366,13 @@ def collate(
     targets = [
         {"boxes": b, "labels": lab} for b, lab in zip(boxes.split(counts), labels.split(counts), strict=True)
     ]
+    masks = [s["target"].get("classes") for s in samples]
+    if any(m is not None for m in masks):  # a mix with per-source classes: one (B, K + 1) mask, every image
+        every = torch.ones_like(next(m for m in masks if m is not None))
+        for target, mask in zip(
+            targets, torch.stack([every if m is None else m for m in masks]), strict=True
+        ):
+            target["classes"] = mask
     return {
         "images": images,
         "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
@@ -479,6 +503,7 @@ class _TrainStream(IterableDataset):
             at = position_after(
                 plan, skip, self.batch_size, self._bucket_table() if self.group_by_aspect else None
             )
+            self._warn_truncated_before(plan, at.next_source)
             buffer, waiting = self._read_at(plan, at.buffer), self._read_at(plan, at.pending)
             seek_s = time.perf_counter() - t
             samples = itertools.chain(waiting, self._shuffled(plan, stats, at.step, at.next_source, buffer))
@@ -557,6 +582,24 @@ class _TrainStream(IterableDataset):
         wanted = list(zip(shard.tolist(), sample.tolist(), strict=True))
         got = {key: read_one(self.shards[key[0]], key[1]) for key in sorted(set(wanted))}
         return [got[key] for key in wanted]
+
+    def _warn_truncated_before(self, plan: StreamPlan, position: int) -> None:
+        """Warn about the shards the stream read before source ``position`` whose files are now shorter than
+        their byte offsets say: the seek does not read them again, and the samples of theirs that the
+        shuffle buffer holds are lost, so the resumed stream is not the uninterrupted run's."""
+        draw = int(plan.locate(np.array([position]))[0][0])
+        drawn = sorted({plan.shard(j) for j in range(draw + 1)})
+        for shard in (self.shards[i] for i in drawn):
+            assert shard.byte_offsets is not None
+            size = Path(shard.path).stat().st_size if Path(shard.path).is_file() else 0
+            if size < shard.byte_offsets[-1]:
+                log.warning(
+                    "%s is truncated (%d of %d bytes) and the stream read it before the resume point: what "
+                    "the resumed stream takes from it is lost, so it is not the uninterrupted run's",
+                    shard.path,
+                    size,
+                    shard.byte_offsets[-1],
+                )
 
     def _buckets(self) -> np.ndarray:
         """The aspect bucket of each sample (by global index), from the manifest's image sizes."""

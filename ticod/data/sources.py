@@ -140,9 +140,15 @@ def load_category_map(path: str) -> dict[str, dict[str, str]]:
 def label_space(
     sources: Sequence[Source], manifests: Sequence[dict[str, Any]], category_map: str
 ) -> LabelSpace:
-    """The merged label space of the sources, from their train manifests (read once by the caller)."""
+    """The merged label space of the sources, from their train manifests (read once by the caller). A single
+    source without a name (``data.shards_dir``) takes the renames of a map with one entry."""
     cats = [(s.name, m["categories"]) for s, m in zip(sources, manifests, strict=True)]
-    return LabelSpace(cats, load_category_map(category_map))
+    mapping = load_category_map(category_map)
+    if len(sources) == 1 and not sources[0].name and len(mapping) == 1:
+        # One unnamed source (data.shards_dir): its renames, under whatever name (e.g. onto the class names
+        # of a model.init_from).
+        mapping = {"": next(iter(mapping.values()))}
+    return LabelSpace(cats, mapping)
 
 
 def source_category_ids(

@@ -166,14 +166,19 @@ class CascadeStage(nn.Module):
         labels: torch.Tensor,
         proposals: torch.Tensor,
         matched_boxes: torch.Tensor,
+        classes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unweighted classification and box losses of the sampled RoIs (torchvision's ``fastrcnn_loss``).
 
-        Cross-entropy over all sampled RoIs. On the positives' deltas (of their GT class, or the single
+        Cross-entropy over all sampled RoIs; with ``classes`` ((R, K + 1) bool: the classes each RoI's image
+        is annotated for, background included) over those only (Detic's federated, UniDet's partitioned
+        loss): the other classes' logits are left out of the softmax and get no gradient from that RoI. On the positives' deltas (of their GT class, or the single
         agnostic box): smooth-L1 against the encoded GT, or GIoU between the decoded box and the GT; summed
         and divided by the number of sampled RoIs. With no positives the box loss is an exact 0 that still
         back-propagates (zero) gradients into the regressor.
         """
+        if classes is not None:
+            class_logits = class_logits.masked_fill(~classes, float("-inf"))
         cls_loss = F.cross_entropy(class_logits, labels)
         pos = torch.where(labels > 0)[0]
         deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
@@ -185,6 +190,18 @@ class CascadeStage(nn.Module):
             targets = self.box_coder.encode_single(matched_boxes[pos], proposals[pos])
             box_loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
         return cls_loss, box_loss / labels.numel()
+
+
+def roi_classes(targets: list[dict[str, torch.Tensor]], labels: list[torch.Tensor]) -> torch.Tensor | None:
+    """(R, K + 1) mask of the classes each sampled RoI's image is annotated for (``classes`` of its target,
+    all where it has none), or None where no target has one (one source: every class)."""
+    masks = [t.get("classes") for t in targets]
+    if all(m is None for m in masks):
+        return None
+    every = torch.ones_like(next(m for m in masks if m is not None))
+    return torch.cat(
+        [(every if m is None else m).expand(len(lab), -1) for m, lab in zip(masks, labels, strict=True)]
+    )
 
 
 class CascadeRoIHeads(nn.Module):
@@ -285,7 +302,8 @@ class CascadeRoIHeads(nn.Module):
             features: FPN maps by name.
             proposals: RPN boxes per image (xyxy, detached).
             image_sizes: (h, w) of each image before batch padding.
-            targets: Per image {"boxes": (N, 4) xyxy, "labels": (N,) in 1..K}; required in training.
+            targets: Per image {"boxes": (N, 4) xyxy, "labels": (N,) in 1..K, optionally "classes": (K + 1,)
+                bool, the classes its source annotates (:meth:`CascadeStage.losses`)}; required in training.
 
         Returns:
             Detections per image (eval; empty list in training) and unweighted losses
@@ -311,7 +329,12 @@ class CascadeRoIHeads(nn.Module):
                 logits, deltas = self._pool_and_classify(stage, features, samples.proposals, image_sizes)
             labels = torch.cat(samples.labels)
             losses[f"stage{i}_cls"], losses[f"stage{i}_box"] = stage.losses(
-                logits, deltas, labels, torch.cat(samples.proposals), torch.cat(samples.matched_boxes)
+                logits,
+                deltas,
+                labels,
+                torch.cat(samples.proposals),
+                torch.cat(samples.matched_boxes),
+                roi_classes(targets, samples.labels),
             )
             if i + 1 < len(self.stages):
                 refined = self.refine(stage, deltas, logits, samples.proposals, image_sizes, samples.labels)

@@ -207,6 +207,7 @@ class TICOD(nn.Module):
             raise ValueError("training the detector needs targets")
         targets = [
             {"boxes": t["boxes"].reshape(-1, 4).to(torch.float32), "labels": t["labels"].to(torch.int64)}
+            | ({"classes": t["classes"].to(torch.bool)} if "classes" in t else {})
             for t in targets
         ]
         if rows is None:  # every image labelled: the plain batch

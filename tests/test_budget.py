@@ -228,7 +228,7 @@ def test_train_runs_the_budget_in_samples(demo_shards_dir, tmp_path):
         [5e-4 * factor(r["step"] - 1) for r in rows], rel=1e-12
     )
     assert [r["train/lr_backbone"] for r in rows] == pytest.approx(
-        [1e-4 * factor(r["step"] - 1) for r in rows], rel=1e-12
+        [DEMO_BACKBONE_LR * 0.5 * factor(r["step"] - 1) for r in rows], rel=1e-12
     )
     state = json.loads((run / ck.CKPT_DIR / ck.checkpoint_name(3) / ck.STATE_FILE).read_text())
     assert state["train"]["samples"] == 6

@@ -25,10 +25,10 @@ def train_losses(model: TICOD, b: dict) -> dict[str, torch.Tensor]:
     return model.train()(b["images"], b["targets"], b["captions"], image_sizes=b["image_sizes"])
 
 
-DET_KEYS = {"rpn_objectness", "rpn_box", "loss_det"} | {
+DET_KEYS = {"rpn_objectness", "rpn_box", "loss_det", "term_det"} | {
     f"stage{i}_{k}" for i in range(3) for k in ("cls", "box")
 }
-CAP_KEYS = {"caption", "loss_cap"}
+CAP_KEYS = {"caption", "loss_cap", "term_cap"}
 
 
 @pytest.mark.parametrize("with_boxes", [True, False])

@@ -17,7 +17,7 @@ import resource
 import signal
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
 from ticod.init_from import init_from
 from ticod.model_card import write_model_card
-from ticod.models.ticod import labelled_tasks
+from ticod.models.ticod import label_units, labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from ticod.preflight import PreflightError, run_preflight
 from ticod.tracker import Tracker, setup_console_logging
@@ -186,11 +186,20 @@ def train(
     steps = run.plan.steps
     window, progress = Window(), make_progress(cfg, rank, state.step, steps)
     consecutive_nonfinite, first_batch = 0, state.batches
+    accum, pending, done, units = cfg.optim.grad_accum, deque(), 0, StepUnits()
     t_step = time.perf_counter()
     while state.step < steps:
-        t_wait = time.perf_counter()
-        batch = next(batches)
-        window.data_wait += time.perf_counter() - t_wait
+        if not pending:
+            # A step's micro-batches are drawn together: their label units (box images, caption tokens),
+            # summed over ranks with the first micro-batch's flags, normalise the step's losses before its
+            # first backward. A replacement for a skipped (non-finite) micro-batch keeps the step's units.
+            t_wait = time.perf_counter()
+            pending.extend(next(batches) for _ in range(accum - done))
+            window.data_wait += time.perf_counter() - t_wait
+            if done == 0:
+                local = torch.stack([batch_units(b) for b in pending]).sum(dim=0)
+                units = StepUnits(local, micro_batches=world_size * accum)
+        batch = pending.popleft()
         if state.batches == first_batch:
             startup.mark("first batch", seek_s=batch.get("seek_s"))
         state.batches += 1
@@ -201,19 +210,19 @@ def train(
         if log_now:  # before engine.step() moves the schedule on: the lrs this step applies
             window.lrs = step_lrs(engine.optimizer)
         losses, grad_norm, stop = forward_backward(
-            run, to_device(batch, device), log_now, preemption.requested
+            run, to_device(batch, device), log_now, preemption.requested, units
         )
         if losses is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
             stop_if_nonfinite(run, consecutive_nonfinite, window)
             continue
-        consecutive_nonfinite = 0
+        consecutive_nonfinite, done = 0, done + 1
         window.grad_norm = grad_norm
         window.add_losses(losses, len(batch["image_sizes"]), tasks_present(batch))
         if not boundary:
             continue
 
-        state.step += 1
+        state.step, done = state.step + 1, 0
         startup.mark("first step")
         startup.report(cfg.run_dir, rank)
         now = time.perf_counter()
@@ -392,14 +401,64 @@ def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bo
     return state
 
 
+@dataclass
+class StepUnits:
+    """The label units (images labelled for boxes, caption target tokens) of one optimizer step.
+
+    ``local``: this rank's sum over the step's micro-batches, until the first micro-batch's flag all-reduce
+    (:func:`step_flags`) sums it over the ranks into ``total``. ``micro_batches``: world size × gradient
+    accumulation, the micro-batches whose gradients DeepSpeed averages into the step.
+    """
+
+    local: torch.Tensor | None = None
+    total: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    micro_batches: int = 1
+
+
+def batch_units(batch: dict) -> torch.Tensor:
+    """:func:`ticod.models.ticod.label_units` of a collated batch (no host read)."""
+    return label_units(
+        len(batch["image_sizes"]),
+        batch["captions"].get("attention_mask"),
+        batch.get("has_boxes"),
+        batch.get("has_caption"),
+    )
+
+
+def step_loss(losses: dict[str, torch.Tensor], here: torch.Tensor, units: StepUnits) -> torch.Tensor:
+    """The micro-batch's loss to back-propagate, normalised over the whole step.
+
+    The model's task losses are means over this micro-batch's units ``here``. Each task's weighted term is
+    rescaled to its sum over them divided by the step's units per micro-batch (``total / micro_batches``):
+    after DeepSpeed's mean over the ``micro_batches``, every labelled image (detection) and every caption
+    token of the step weighs the same, whichever rank and micro-batch it landed in.
+    """
+    loss = losses["loss"]
+    here = here.to(loss.device, loss.dtype)  # on the loss's device already in training: no copy
+    for i, key in enumerate(TERM_KEYS):
+        if key in losses:
+            scale = here[i] * (units.micro_batches / max(units.total[i], 1.0))  # Python factor: no copy
+            loss = loss + losses[key] * (scale - 1)  # = term · scale in place of term
+    return loss
+
+
+TERM_KEYS = ("term_det", "term_cap")
+
+
 def forward_backward(
-    run: Run, batch: dict, log_now: bool, stop_requested: bool
+    run: Run, batch: dict, log_now: bool, stop_requested: bool, units: StepUnits | None = None
 ) -> tuple[dict[str, torch.Tensor] | None, float | None, bool]:
     """Forward, backward and optimizer step of one micro-batch: (losses, grad norm, stop), losses None
     when the loss was non-finite on any rank (nothing else done then). ``stop``: whether any rank was asked
     to stop (``stop_requested`` here). The grad norm is computed only on log steps, and only where
-    DeepSpeed reports none (:func:`unreported_grad_norm`)."""
+    DeepSpeed reports none (:func:`unreported_grad_norm`). ``units``: the step's label units (None: the step
+    is this micro-batch alone); the returned ``loss`` is the normalised one that was back-propagated
+    (:func:`step_loss`)."""
     cfg, engine, state = run.cfg, run.engine, run.state
+    here = batch_units(batch)
+    if units is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        units = StepUnits(here, micro_batches=world)
     losses = engine(
         batch["images"],
         targets=batch["targets"] if cfg.loss.task != Task.caption else None,
@@ -414,11 +473,15 @@ def forward_backward(
     # step-keyed fault would fire again on every retry and one injected NaN would become many.
     if state.batches in cfg.faults.nan_loss_at_steps:
         loss = loss * float("nan")
-    finite, stop = step_flags(loss, stop_requested)
+    finite, stop, total = step_flags(loss, stop_requested, units.local)
+    if units.local is not None:
+        units.local, units.total = None, total
     if not finite:
         # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
         state.nonfinite += 1
         return None, None, stop
+    loss = step_loss(losses, here, units)
+    losses = {k: v for k, v in losses.items() if k not in TERM_KEYS} | {"loss": loss}
     engine.backward(loss)
     grad_norm = unreported_grad_norm(engine) if log_now else None
     engine.step()
@@ -618,16 +681,24 @@ def check_bad_fraction(state: TrainState, ceiling: float) -> None:
         )
 
 
-def step_flags(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(the loss is finite on every rank, some rank was asked to stop): one small all-reduce and one
-    device-to-host read per micro-batch, the only sync the step loop makes outside log steps."""
-    # Both flags made on the loss's device (no host-to-device copy): [non-finite, stop], max over ranks.
+def step_flags(
+    loss: torch.Tensor, stop_requested: bool, units: torch.Tensor | None = None
+) -> tuple[bool, bool, list[float]]:
+    """(the loss is finite on every rank, some rank was asked to stop, ``units`` summed over the ranks): one
+    small all-reduce and one device-to-host read per micro-batch, the only sync the step loop makes outside
+    log steps. ``units``: the step's label units on this rank (:class:`StepUnits`), sent with the first
+    micro-batch's flags (None: zeros are sent and returned)."""
+    # [non-finite, stop, box images, caption tokens], summed over ranks (a flag > 0: some rank raised it).
     nonfinite = torch.isfinite(loss.detach()).logical_not()
-    flags = torch.stack([nonfinite, torch.full_like(nonfinite, stop_requested)]).to(torch.float32)
+    counts = torch.zeros(2, dtype=torch.float64) if units is None else units.to(torch.float64)
+    flags = torch.cat(
+        [torch.stack([nonfinite, torch.full_like(nonfinite, stop_requested)]).to(torch.float64),
+         counts.to(loss.device, non_blocking=True)]
+    )  # fmt: skip
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop = flags.tolist()
-    return nonfinite == 0, stop > 0
+        dist.all_reduce(flags)
+    nonfinite, stop, *total = flags.tolist()
+    return nonfinite == 0, stop > 0, total
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

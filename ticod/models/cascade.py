@@ -32,6 +32,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss
 
 from ticod.config import BoxLoss, RoIConfig, RoINorm
+from ticod.models.losses import per_image_weights
 from ticod.models.roi_align import MultiScaleRoIAlign
 
 logger = logging.getLogger(__name__)
@@ -167,29 +168,35 @@ class CascadeStage(nn.Module):
         proposals: torch.Tensor,
         matched_boxes: torch.Tensor,
         classes: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unweighted classification and box losses of the sampled RoIs (torchvision's ``fastrcnn_loss``).
+        """Classification and box losses of the sampled RoIs (torchvision's ``fastrcnn_loss``), each RoI's
+        weighted by ``weights`` (R,) and summed (None: 1 / R each, the mean over the RoIs).
 
         Cross-entropy over all sampled RoIs; with ``classes`` ((R, K + 1) bool: the classes each RoI's image
         is annotated for, background included) over those only (Detic's federated, UniDet's partitioned
         loss): the other classes' logits are left out of the softmax and get no gradient from that RoI. On the positives' deltas (of their GT class, or the single
-        agnostic box): smooth-L1 against the encoded GT, or GIoU between the decoded box and the GT; summed
-        and divided by the number of sampled RoIs. With no positives the box loss is an exact 0 that still
-        back-propagates (zero) gradients into the regressor.
+        agnostic box): smooth-L1 against the encoded GT, or GIoU between the decoded box and the GT, weighted
+        like the classification (the negatives' share counts, as torchvision divides by all sampled RoIs).
+        With no positives the box loss is an exact 0 that still back-propagates (zero) gradients into the
+        regressor.
         """
+        if weights is None:
+            weights = class_logits.new_full((len(labels),), 1.0 / max(len(labels), 1))
         if classes is not None:
             class_logits = class_logits.masked_fill(~classes, float("-inf"))
-        cls_loss = F.cross_entropy(class_logits, labels)
+        cls_loss = (F.cross_entropy(class_logits, labels, reduction="none") * weights).sum()
         pos = torch.where(labels > 0)[0]
         deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
         deltas = deltas[pos, torch.zeros_like(pos) if self.class_agnostic else labels[pos]]
         if self.box_loss == BoxLoss.giou:
             boxes = self.box_coder.decode_single(deltas, proposals[pos])
-            box_loss = generalized_box_iou_loss(boxes, matched_boxes[pos], reduction="sum")
+            box_loss = generalized_box_iou_loss(boxes, matched_boxes[pos], reduction="none")
         else:
             targets = self.box_coder.encode_single(matched_boxes[pos], proposals[pos])
-            box_loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
-        return cls_loss, box_loss / labels.numel()
+            box_loss = F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="none")
+            box_loss = box_loss.sum(dim=1)
+        return cls_loss, (box_loss * weights[pos]).sum()
 
 
 def roi_classes(targets: list[dict[str, torch.Tensor]], labels: list[torch.Tensor]) -> torch.Tensor | None:
@@ -335,6 +342,7 @@ class CascadeRoIHeads(nn.Module):
                 torch.cat(samples.proposals),
                 torch.cat(samples.matched_boxes),
                 roi_classes(targets, samples.labels),
+                per_image_weights(samples.labels).to(logits.device),
             )
             if i + 1 < len(self.stages):
                 refined = self.refine(stage, deltas, logits, samples.proposals, image_sizes, samples.labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -12,6 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ticod.config import RoIConfig, RPNConfig
 from ticod.models.cascade import CascadeRoIHeads
+from ticod.models.losses import per_image_weights
 
 # FPN outputs: one per backbone stage plus the max-pooled extra level (P6, used by the RPN only, as in
 # torchvision's and mmdetection's Faster/Cascade R-CNN).
@@ -46,6 +48,37 @@ class FloatAnchorGenerator(AnchorGenerator):
             return super().forward(image_list, shapes)
 
 
+class PerImageRPN(RegionProposalNetwork):
+    """torchvision's RPN whose losses are per-image means of the sampled anchors' losses, averaged over the
+    images (:func:`per_image_weights`; torchvision's mean over all sampled anchors weighs an image by how
+    many anchors it sampled)."""
+
+    def compute_loss(
+        self,
+        objectness: torch.Tensor,
+        pred_bbox_deltas: torch.Tensor,
+        labels: list[torch.Tensor],
+        regression_targets: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos_masks, neg_masks = self.fg_bg_sampler(labels)
+        sampled = [torch.where(p | n)[0] for p, n in zip(pos_masks, neg_masks, strict=True)]
+        weights = per_image_weights(sampled).to(objectness.device)
+        offsets = [0]
+        for lab in labels[:-1]:
+            offsets.append(offsets[-1] + len(lab))
+        inds = torch.cat([s + o for s, o in zip(sampled, offsets, strict=True)])
+        labels_all, targets_all = torch.cat(labels), torch.cat(regression_targets)
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten()[inds], labels_all[inds], weight=weights, reduction="sum"
+        )
+        # Positives only: a box-less image's targets encode all-zero boxes (infinite log-sizes).
+        pos = labels_all[inds] > 0
+        box = F.smooth_l1_loss(
+            pred_bbox_deltas[inds[pos]], targets_all[inds[pos]], beta=1 / 9, reduction="none"
+        ).sum(dim=1)
+        return objectness_loss, (box * weights[pos]).sum()
+
+
 class Detector(nn.Module):
     """FPN -> RPN -> Cascade R-CNN.
 
@@ -76,7 +109,7 @@ class Detector(nn.Module):
             sizes=tuple((int(s),) for s in rpn_cfg.anchor_sizes),
             aspect_ratios=(tuple(float(r) for r in rpn_cfg.aspect_ratios),) * len(FPN_LEVELS),
         )
-        self.rpn = RegionProposalNetwork(
+        self.rpn = PerImageRPN(
             anchors,
             FloatRPNHead(fpn_channels, len(rpn_cfg.aspect_ratios)),
             fg_iou_thresh=rpn_cfg.fg_iou_thresh,

@@ -8,6 +8,13 @@ from torch import nn
 from ticod.config import Balance, LossConfig, Task
 
 
+def per_image_weights(sampled: list[torch.Tensor]) -> torch.Tensor:
+    """Weight of each sampled unit (anchor, RoI) of a batch: ``1 / (n_i · B)`` for the ``n_i`` units of image
+    ``i`` of ``B``, so that a loss summed with them is the mean over images of each image's mean (every image
+    weighs the same however many units it sampled); with equal ``n_i``, the plain mean over all units."""
+    return torch.cat([torch.full((n,), 1.0 / (max(n, 1) * len(sampled))) for n in map(len, sampled)])
+
+
 class LossCombiner(nn.Module):
     """Adds ``loss_det``, ``loss_cap`` and the total ``loss`` to a dict of unweighted named losses.
 
@@ -49,7 +56,11 @@ class LossCombiner(nn.Module):
         """``losses`` plus the weighted parts; ``present``: whether the batch had samples labelled for
         detection / captioning (partial labels). An absent task's losses are 0 already; with learned task
         weights its whole term is multiplied by 0 too, so its ``s`` gets a zero gradient rather than a
-        pull towards larger weight from a task that had no data."""
+        pull towards larger weight from a task that had no data.
+
+        ``term_det`` / ``term_cap`` (trained tasks only) are each task's weighted loss in ``loss`` (``loss``
+        minus them is the learned weights' regulariser, or 0): a trainer that normalises the losses over a
+        whole step rescales them (:func:`ticod.train.step_loss`)."""
         out = dict(losses)
         if self.task != Task.caption:
             det = losses["rpn_objectness"] + losses["rpn_box"]
@@ -59,14 +70,17 @@ class LossCombiner(nn.Module):
         if self.task != Task.detection:
             out["loss_cap"] = losses["caption"]
         if self.task == Task.detection:
-            out["loss"] = out["loss_det"]
+            out["loss"] = out["term_det"] = out["loss_det"]
         elif self.task == Task.caption:
-            out["loss"] = out["loss_cap"]
+            out["loss"] = out["term_cap"] = out["loss_cap"]
         elif self.balance == Balance.uncertainty:
             s_det, s_cap = self.log_var_det[0], self.log_var_cap[0]
-            det = torch.exp(-s_det) * out["loss_det"] + s_det
-            cap = torch.exp(-s_cap) * out["loss_cap"] + s_cap
-            out["loss"] = (det if present[0] else det * 0) + (cap if present[1] else cap * 0)
+            det, cap = torch.exp(-s_det) * out["loss_det"], torch.exp(-s_cap) * out["loss_cap"]
+            out["term_det"] = det if present[0] else det * 0
+            out["term_cap"] = cap if present[1] else cap * 0
+            out["loss"] = out["term_det"] + (s_det if present[0] else s_det * 0)
+            out["loss"] = out["loss"] + out["term_cap"] + (s_cap if present[1] else s_cap * 0)
         else:
-            out["loss"] = out["loss_det"] + self.caption_weight * out["loss_cap"]
+            out["term_det"], out["term_cap"] = out["loss_det"], self.caption_weight * out["loss_cap"]
+            out["loss"] = out["term_det"] + out["term_cap"]
         return out

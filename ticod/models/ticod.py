@@ -143,13 +143,17 @@ class TICOD(nn.Module):
             orig_sizes: (h, w) of the original images; eval boxes are rescaled to them when given.
             has_boxes: Per image whether it is labelled for boxes (None: all; a plain list, so selecting
                 images costs no host-device sync). Detection losses come from these images alone, as if
-                the detector ran on that sub-batch; the others' targets are ignored.
+                the detector ran on that sub-batch; the others' targets are ignored. Each detection loss is
+                the mean over these images of each image's mean over its sampled anchors / RoIs.
             has_caption: Per image whether it has a caption (None: all); the caption loss is the mean over
-                the captioned images' tokens alone.
+                the captioned images' tokens alone. (:func:`label_units` counts both units: a trainer turns
+                the means into sums and normalises them over a whole step, see ``term_det``/``term_cap``
+                of :class:`ticod.models.losses.LossCombiner`.)
 
         Returns:
             Train: named unweighted losses (``rpn_objectness``, ``rpn_box``, ``stage{i}_cls``, ``stage{i}_box``,
-            ``caption``) plus ``loss_det``, ``loss_cap`` and the weighted total ``loss``; a task with no
+            ``caption``) plus ``loss_det``, ``loss_cap``, the weighted total ``loss`` and each trained task's
+            weighted part of it, ``term_det`` / ``term_cap``; a task with no
             labelled image in the batch has losses of exactly 0 (its branch still runs, see
             :meth:`_detection_losses`). Eval (``has_*`` unused): per image
             ``boxes`` (n, 4) xyxy, ``scores``, ``labels`` and/or ``caption_ids`` (and ``caption`` with a tokenizer).
@@ -313,6 +317,26 @@ class TICOD(nn.Module):
 def labelled_tasks(has_boxes: Sequence[bool] | None, has_caption: Sequence[bool] | None) -> tuple[bool, bool]:
     """Whether a batch has any image labelled for boxes / with a caption (None flags: every image is)."""
     return has_boxes is None or any(has_boxes), has_caption is None or any(has_caption)
+
+
+def label_units(
+    batch_size: int,
+    attention_mask: torch.Tensor | None,
+    has_boxes: Sequence[bool] | None = None,
+    has_caption: Sequence[bool] | None = None,
+) -> torch.Tensor:
+    """(images labelled for boxes, caption target tokens) of a batch, float64 on the mask's device: the units
+    that the detection losses (per image) and the caption loss (per token) are means over. A caption's
+    targets are its tokens after BOS (padding excluded); uncaptioned rows have none. Tensor ops only (no
+    host read), so a trainer can sum them over ranks without a sync of its own."""
+    boxes = batch_size if has_boxes is None else sum(bool(f) for f in has_boxes)
+    if attention_mask is None or attention_mask.numel() == 0:
+        tokens = torch.zeros((), dtype=torch.float64)
+    else:
+        per_row = (attention_mask.to(torch.float64).sum(dim=1) - 1).clamp(min=0)
+        rows = range(len(per_row)) if has_caption is None else [i for i, f in enumerate(has_caption) if f]
+        tokens = sum((per_row[i] for i in rows), per_row.new_zeros(()))  # Python-int rows: no copy
+    return torch.stack([tokens.new_full((), float(boxes)), tokens])
 
 
 def labelled_rows(flags: Sequence[bool] | None, batch: int, name: str) -> list[int] | None:

@@ -275,7 +275,8 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     startup.mark("preflight, tokenizer, manifests")
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
+    # A resume loads every weight from its checkpoint: no random init first (most of a build's time).
+    model = build_model(cfg, tokenizer, init_weights=resume is None)
     if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
         init_from(model, cfg.model.init_from, categories, tokenizer)
     model = model.to(device)

@@ -406,6 +406,7 @@ def test_checkpoint_interrupted_by_a_killed_rank_is_never_resumed_from(demo_shar
         "deepspeed.zero_stage=2",
         "checkpoint.save_every=2",
         "checkpoint.keep_last=1",
+        "checkpoint.async_save=false",  # DeepSpeed writes its files in the save (background: test_async_checkpoint_faults)
     ]
     env = {"PYTHONPATH": str(tmp_path), "KILL_IN_SAVE_STEP": "4", "KILL_IN_SAVE_RANK": "1"}
     killed = launch_module("ticod_kill_in_save", common, env=env)

@@ -1,6 +1,7 @@
 """checkpoint.async_save in one process: the background write stores what a synchronous save stores, from
 the moment of the save; nothing is published before the write is done; a failed write publishes nothing."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,16 @@ def _files(ckpt: Path) -> dict[str, bytes]:
     return {str(p.relative_to(ckpt)): p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
 
 
-def test_async_save_writes_the_state_of_the_save_moment(tmp_path, single_rank_pg):
+def test_async_save_writes_the_state_of_the_save_moment(tmp_path, single_rank_pg, monkeypatch):
     """Byte for byte the files of a synchronous save of the same state, although the engine trains on before
     the write; twice, the second into the staging buffers of the first; published only by wait()."""
+    gate, write = threading.Event(), ck.Checkpointer._write
+
+    def held_write(self, *args):  # the write starts once the engine trained on
+        assert gate.wait(120)
+        write(self, *args)
+
+    monkeypatch.setattr(ck.Checkpointer, "_write", held_write)
     engine = _engine()
     published: list[ck.SaveTimes] = []
     sync = ck.Checkpointer(tmp_path / "sync", keep_last=2)
@@ -66,9 +74,11 @@ def test_async_save_writes_the_state_of_the_save_moment(tmp_path, single_rank_pg
         got = background.save(engine, step, {"train": {"step": step}})
         if step == 5:  # the second save copied into the first one's buffers
             assert [id(b) for b in background.staging._buffers] == [id(b) for b in buffers]
-        assert not got.exists() and background.pending  # written in the background, not yet published
-        _step(engine)  # the live weights and optimizer state change before or during the write
+        assert not got.exists() and background.pending and background.write_flag() == 1
+        _step(engine)  # the live weights and optimizer state change before the write
+        gate.set()
         background.wait()
+        gate.clear()
         assert not background.pending and got.is_dir() and published[-1].step == step
         assert 0 < published[-1].blocking_s <= published[-1].total_s
         assert _files(got) == _files(expected)

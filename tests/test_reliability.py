@@ -369,10 +369,10 @@ import os, signal, sys
 from ticod import checkpoint, train
 
 STEP, RANK = int(os.environ["KILL_IN_SAVE_STEP"]), int(os.environ["KILL_IN_SAVE_RANK"])
-_save = checkpoint.save_checkpoint
+_save = checkpoint.Checkpointer.save
 
 
-def save_checkpoint(engine, run_dir, step, trainer_state, keep_last):
+def save(self, engine, step, trainer_state):
     if step == STEP and int(os.environ["RANK"]) == RANK:
         deepspeed_save = engine.save_checkpoint
 
@@ -381,10 +381,10 @@ def save_checkpoint(engine, run_dir, step, trainer_state, keep_last):
             os.kill(os.getpid(), signal.SIGKILL)
 
         engine.save_checkpoint = save_then_die
-    return _save(engine, run_dir, step, trainer_state, keep_last)
+    return _save(self, engine, step, trainer_state)
 
 
-checkpoint.save_checkpoint = save_checkpoint
+checkpoint.Checkpointer.save = save
 if __name__ == "__main__":
     sys.exit(train.main())
 """

@@ -483,7 +483,11 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     run.data_wait.update(state.step, metrics["data_wait_frac"])
-    check_bad_fraction(state, run.cfg.max_bad_fraction)
+    try:
+        check_bad_fraction(state, run.cfg.max_bad_fraction)
+    except TrainingStopped:  # on every rank alike (reduced counts): the save in flight is published first
+        run.checkpointer.wait()
+        raise
     return metrics
 
 

@@ -30,8 +30,8 @@ from ticod import engine as engine_lib
 from ticod import startup
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
-from ticod.data.pipeline import build_train_loader, read_manifest
-from ticod.data.sources import label_space, resolve_sources
+from ticod.data.pipeline import build_train_loader
+from ticod.data.spec import EvalSplit, eval_splits, resolve_data
 from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
@@ -262,26 +262,19 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     # First, before anything slow: a shared run_dir, Java, the BERTScore model and wandb, on every rank.
     tracker = run_preflight(cfg, lambda: Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg)))
     tokenizer = build_tokenizer(cfg.data)
-    sources = resolve_sources(cfg.data)
-    # Each train manifest read once here (COCO's is ~12 MB with its offsets; the loader reads it again).
-    manifests = [read_manifest(s.shards_dir, s.train_split) for s in sources]
-    space = label_space(sources, manifests, cfg.data.category_map)  # one source: its own categories
-    categories = space.categories
+    # The data worked out once: sources, train manifests (COCO's is ~12 MB with its offsets), label space.
+    spec = resolve_data(cfg.data)
+    categories = spec.categories
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    total = sum(m["total_samples"] for m in manifests)
-    plan = resolve_plan(cfg, world_size, total, origin, resume.progress if resume else 0.0)
-    data = [
-        [s.name, s.shards_dir, s.train_split, s.weight, m["total_samples"]]
-        for s, m in zip(sources, manifests, strict=True)
-    ]
+    plan = resolve_plan(cfg, world_size, spec.total_samples, origin, resume.progress if resume else 0.0)
+    data = spec.layout()
     if len(categories) != cfg.model.num_classes:
-        where = ", ".join(s.shards_dir for s in sources)
         raise ConfigError(
-            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in {where} have "
-            f"{len(categories)} categories"
-            + (f" after merging by name ({space.describe()})" if len(sources) > 1 else "")
+            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in {spec.shards_dirs()} "
+            f"have {len(categories)} categories"
+            + (f" after merging by name ({spec.space.describe()})" if len(spec.sources) > 1 else "")
         )
 
     startup.mark("preflight, tokenizer, manifests")
@@ -324,6 +317,7 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         seed=cfg.seed,
         start_batch=state.batches,
         origin=state.origin,
+        spec=spec,
     )
     startup.mark("data loader")
     log.info(
@@ -728,12 +722,14 @@ class Evaluator:
     def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
         self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
         self.rank, self.world_size, self.device = rank, world_size, device
-        self._gt = None
+        self._splits: list[EvalSplit] | None = None  # worked out at the first evaluation, then reused
 
     def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
         from ticod.evaluate import run_evaluation
 
         out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
+        if self._splits is None:
+            self._splits = eval_splits(self.cfg.data, self.categories)
         engine.eval()
         with torch.no_grad(), engine_lib.autocast_context(engine):
             result = run_evaluation(
@@ -747,6 +743,7 @@ class Evaluator:
                 out_dir=out_dir,
                 # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
                 synced=engine.zero_optimization_stage() == 3,
+                splits=self._splits,
             )
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         tracker.log(step, metrics, prefix="eval/")

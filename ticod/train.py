@@ -48,6 +48,7 @@ log = logging.getLogger("ticod")
 # The bad-sample ceiling is judged only once this many samples were read (one early bad sample
 # in a small run is not a 1% rate).
 MIN_SAMPLES_FOR_BAD_RATIO = 100
+EVAL_ERROR_CHARS = 500  # of each rank's evaluation error, in eval/error
 
 
 class TrainingStopped(RuntimeError):
@@ -175,15 +176,19 @@ class Run:
         days of training never end on a metric, and the ranks agree so none waits for another."""
         step = self.state.step
         try:
-            metrics, failed = self.evaluator.run(self.engine, step, self.tracker), False
-        except Exception:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
+            metrics, error = self.evaluator.run(self.engine, step, self.tracker), ""
+        except Exception as e:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
             log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
-            metrics, failed = {}, True
+            metrics, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"[:EVAL_ERROR_CHARS]
         self.engine.train()
-        if all_ranks_true(not failed, self.device):
+        if all_ranks_true(not error, self.device):
             return metrics
+        # Why, in the run dir too (eval/error in train_log.jsonl): a rank's stderr may be lost or elsewhere.
+        reason = "; ".join(e for e in all_ranks_gather(error) if e)
+        if self.rank == 0:
+            log.error("evaluation at step %d failed: %s", step, reason)
         self.state.eval_failed += 1
-        self.tracker.log(step, {"failed": self.state.eval_failed}, prefix="eval/")
+        self.tracker.log(step, {"failed": self.state.eval_failed, "error": reason}, prefix="eval/")
         return {}
 
 
@@ -647,6 +652,15 @@ def step_flags(loss: torch.Tensor, stop_requested: bool, write: int = 0) -> tupl
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     nonfinite, stop, write = flags.tolist()
     return nonfinite == 0, stop > 0, int(write)
+
+
+def all_ranks_gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, on every rank (a collective: every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

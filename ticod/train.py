@@ -48,6 +48,7 @@ log = logging.getLogger("ticod")
 # The bad-sample ceiling is judged only once this many samples were read (one early bad sample
 # in a small run is not a 1% rate).
 MIN_SAMPLES_FOR_BAD_RATIO = 100
+EVAL_ERROR_CHARS = 500  # of each rank's evaluation error, in eval/error
 
 
 class TrainingStopped(RuntimeError):
@@ -145,30 +146,49 @@ class Run:
     rng_from: Path | None  # the checkpoint whose RNG states this run continues (an exact resume)
     plan: Plan  # the budget resolved for this world size: steps, global batch, peak lr
     data_wait: DataWaitWatch = field(init=False)
+    checkpointer: ckpt_lib.Checkpointer = field(init=False)
 
     def __post_init__(self) -> None:
         self.data_wait = DataWaitWatch(self.cfg.data.num_workers, self.cfg.data.prefetch_factor)
-
-    def save(self) -> Path:
-        ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
-        return ckpt_lib.save_checkpoint(
-            self.engine, Path(self.cfg.run_dir), self.state.step, ts, self.cfg.checkpoint.keep_last
+        faults = self.cfg.faults
+        self.checkpointer = ckpt_lib.Checkpointer(
+            self.cfg.run_dir,
+            self.cfg.checkpoint.keep_last,
+            async_save=self.cfg.checkpoint.async_save,
+            on_published=self.log_save,
+            kill_in_write_at_step=faults.kill_in_write_at_step if self.rank == faults.kill_rank else 0,
         )
+
+    def save(self, *, wait: bool = False) -> Path:
+        """Save a checkpoint (collective); ``wait``: also for its write and publish (before an exit or export)."""
+        ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
+        path = self.checkpointer.save(self.engine, self.state.step, ts)
+        if wait:
+            self.checkpointer.wait()
+        return path
+
+    def log_save(self, times: ckpt_lib.SaveTimes) -> None:
+        metrics = {"blocking_s": times.blocking_s, "total_s": times.total_s}
+        self.tracker.log(times.step, metrics, prefix="checkpoint/", echo=False)
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate on every rank. A failure on any rank is logged, counted (``eval/failed``) and survived:
         days of training never end on a metric, and the ranks agree so none waits for another."""
         step = self.state.step
         try:
-            metrics, failed = self.evaluator.run(self.engine, step, self.tracker), False
-        except Exception:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
+            metrics, error = self.evaluator.run(self.engine, step, self.tracker), ""
+        except Exception as e:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
             log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
-            metrics, failed = {}, True
+            metrics, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"[:EVAL_ERROR_CHARS]
         self.engine.train()
-        if all_ranks_true(not failed, self.device):
+        if all_ranks_true(not error, self.device):
             return metrics
+        # Why, in the run dir too (eval/error in train_log.jsonl): a rank's stderr may be lost or elsewhere.
+        reason = "; ".join(e for e in all_ranks_gather(error) if e)
+        if self.rank == 0:
+            log.error("evaluation at step %d failed: %s", step, reason)
         self.state.eval_failed += 1
-        self.tracker.log(step, {"failed": self.state.eval_failed}, prefix="eval/")
+        self.tracker.log(step, {"failed": self.state.eval_failed, "error": reason}, prefix="eval/")
         return {}
 
 
@@ -232,6 +252,8 @@ def train(
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             fold_window(run, window)
             run.save()
+        if state.step in (cfg.faults.kill_at_step, cfg.faults.hang_at_step, cfg.faults.raise_at_step):
+            run.checkpointer.wait()  # a drill's fault "after step N" comes after step N's checkpoint is complete
         inject_process_fault(cfg.faults, state.step, rank)
         # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
         # that arrives after that check is acted on one step later.
@@ -239,7 +261,7 @@ def train(
             if not preemption.requested:
                 log.info("another rank received a stop signal")
             fold_window(run, window)
-            path = run.save()
+            path = run.save(wait=True)
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
             run.tracker.close()
             return REQUEUE_EXIT_CODE
@@ -409,7 +431,8 @@ def forward_backward(
     # step-keyed fault would fire again on every retry and one injected NaN would become many.
     if state.batches in cfg.faults.nan_loss_at_steps:
         loss = loss * float("nan")
-    finite, stop = step_flags(loss, stop_requested)
+    finite, stop, written = step_flags(loss, stop_requested, run.checkpointer.write_flag())
+    run.checkpointer.agreed(written)
     if not finite:
         # Every rank skips together: a lone backward would hang ZeRO's gradient reduction.
         state.nonfinite += 1
@@ -430,7 +453,7 @@ def stop_if_nonfinite(run: Run, consecutive: int, window: Window) -> None:
     if consecutive >= run.cfg.max_nonfinite:
         fold_window(run, window)
         # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
-        path = run.save()
+        path = run.save(wait=True)
         raise TrainingStopped(
             f"{consecutive} consecutive non-finite losses (max_nonfinite={run.cfg.max_nonfinite}); "
             f"weights from before the fault saved in {path}"
@@ -460,7 +483,11 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     run.data_wait.update(state.step, metrics["data_wait_frac"])
-    check_bad_fraction(state, run.cfg.max_bad_fraction)
+    try:
+        check_bad_fraction(state, run.cfg.max_bad_fraction)
+    except TrainingStopped:  # on every rank alike (reduced counts): the save in flight is published first
+        run.checkpointer.wait()
+        raise
     return metrics
 
 
@@ -490,7 +517,7 @@ def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> No
 def finish(run: Run) -> None:
     """Final checkpoint, export (rank 0), final evaluation and the run summary."""
     state, run_dir = run.state, Path(run.cfg.run_dir)
-    final = run.save()
+    final = run.save(wait=True)
     if run.rank == 0:
         # Before the final eval: the exported model is there even if evaluation fails.
         export_checkpoint(final, run_dir / "export")
@@ -613,16 +640,28 @@ def check_bad_fraction(state: TrainState, ceiling: float) -> None:
         )
 
 
-def step_flags(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(the loss is finite on every rank, some rank was asked to stop): one small all-reduce and one
+def step_flags(loss: torch.Tensor, stop_requested: bool, write: int = 0) -> tuple[bool, bool, int]:
+    """(the loss is finite on every rank, some rank was asked to stop, the max over ranks of ``write``, their
+    checkpoint writes' :meth:`~ticod.checkpoint.Checkpointer.write_flag`): one small all-reduce and one
     device-to-host read per micro-batch, the only sync the step loop makes outside log steps."""
-    # Both flags made on the loss's device (no host-to-device copy): [non-finite, stop], max over ranks.
-    nonfinite = torch.isfinite(loss.detach()).logical_not()
-    flags = torch.stack([nonfinite, torch.full_like(nonfinite, stop_requested)]).to(torch.float32)
+    # The flags made on the loss's device (no host-to-device copy): [non-finite, stop, write], max over ranks.
+    nonfinite = torch.isfinite(loss.detach()).logical_not().to(torch.float32)
+    flags = torch.stack(
+        [nonfinite, torch.full_like(nonfinite, stop_requested), torch.full_like(nonfinite, write)]
+    )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop = flags.tolist()
-    return nonfinite == 0, stop > 0
+    nonfinite, stop, write = flags.tolist()
+    return nonfinite == 0, stop > 0, int(write)
+
+
+def all_ranks_gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, on every rank (a collective: every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

@@ -292,10 +292,6 @@ def write_split(
 
 def train_label_space(cfg):
     """The label space of the data config's train manifests (as the trainer builds it)."""
-    from ticod.data.shards import read_manifest
-    from ticod.data.sources import label_space, resolve_sources
+    from ticod.data.spec import resolve_data
 
-    sources = resolve_sources(cfg)
-    return label_space(
-        sources, [read_manifest(s.shards_dir, s.train_split) for s in sources], cfg.category_map
-    )
+    return resolve_data(cfg).space

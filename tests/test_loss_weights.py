@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_model import BOS, EOS, VOCAB, tiny_config
 
+from ticod.checkpoint import Checkpointer
 from ticod.models import TICOD
 from ticod.train import StepUnits, TrainState, batch_units, forward_backward, step_loss
 
@@ -139,7 +140,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         batches = [make_batch(mb) for mb in RANKS[rank]]
         # As the training loop: the step's units of this rank, summed over ranks with the first flags.
         units = StepUnits(torch.stack([batch_units(b) for b in batches]).sum(dim=0), micro_batches=2 * 2)
-        run = SimpleNamespace(cfg=cfg, engine=engine, state=TrainState())
+        saver = Checkpointer(Path(out_dir) / f"run{rank}", keep_last=1)
+        run = SimpleNamespace(cfg=cfg, engine=engine, state=TrainState(), checkpointer=saver)
         for b in batches:
             out, _, _ = forward_backward(run, b, log_now=False, stop_requested=False, units=units)
             assert out is not None

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_model import BOS, EOS, VOCAB, batch, partially_labelled, tiny_config
 
+from ticod.checkpoint import Checkpointer
 from ticod.models import TICOD
 
 STEPS = 3
@@ -56,7 +57,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         engine = engine_lib.build_engine(model, cfg, world_size=2)
         engine.train()
-        run = SimpleNamespace(cfg=cfg, engine=engine, state=TrainState())
+        saver = Checkpointer(Path(out_dir) / f"run{rank}", keep_last=1)
+        run = SimpleNamespace(cfg=cfg, engine=engine, state=TrainState(), checkpointer=saver)
         losses = []
         for step in range(STEPS):
             torch.manual_seed(100 * step + rank)

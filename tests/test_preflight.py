@@ -292,7 +292,9 @@ def assert_survived(run: Path, failed_at: int, scored: list[int]) -> None:
     steps (the final evaluation included), the export there."""
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train_log(run)] == [1, 2, 3, 4]
-    assert [(r["step"], r["eval/failed"]) for r in rows if "eval/failed" in r] == [(failed_at, 1)]
+    failed = [r for r in rows if "eval/failed" in r]
+    assert [(r["step"], r["eval/failed"]) for r in failed] == [(failed_at, 1)]
+    assert "injected: " in failed[0]["eval/error"]  # why it failed, in the run dir (not only in stderr)
     assert [r["step"] for r in rows if "eval/num_images" in r] == scored
     assert (run / "export" / "model.safetensors").is_file()
     state = json.loads((ck.latest_checkpoint(run) / ck.STATE_FILE).read_text())["train"]

@@ -288,6 +288,9 @@ class CheckpointConfig:
     save_every: int = 1000  # steps; 0 = only at the end
     keep_last: int = 3
     resume: str = ""  # "", "auto" (latest complete checkpoint in run_dir) or a checkpoint dir
+    # The loop waits only while the state is copied to host memory; the files are written in the background
+    # and published when every rank's write is done (docs/reliability.md). false: the loop waits for the write.
+    async_save: bool = True
 
 
 @dataclass
@@ -313,7 +316,8 @@ class EvalConfig:
 
 @dataclass
 class FaultConfig:
-    """Fault injection for reliability tests and drills; all off by default."""
+    """Fault injection for reliability tests and drills; all off by default. A fault "after step N" comes
+    once the checkpoint saved at step N, if any, is complete (also with checkpoint.async_save)."""
 
     # Make the loss NaN at these micro-batches (1-based count of batches drawn on each rank; with
     # grad_accum=1 and no skips, the optimizer step of the same number).
@@ -325,6 +329,9 @@ class FaultConfig:
     # notices the failed rank (as on NCCL): only the launcher can end it.
     hang_rank: int | None = None
     raise_at_step: int = 0  # after this step, `kill_rank` raises an exception (the process exits 1)
+    # `kill_rank` SIGKILLs itself in the background write of this step's checkpoint, after its first file
+    # (checkpoint.async_save; 0 = never).
+    kill_in_write_at_step: int = 0
 
 
 @dataclass

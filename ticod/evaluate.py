@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools.coco import COCO
 
 from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
+from ticod.data.spec import EvalSplit, eval_splits
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
 from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, write_per_class_csv
@@ -565,52 +565,28 @@ def run_evaluation(
     device: torch.device,
     out_dir: str | Path,
     synced: bool = False,
+    splits: Sequence[EvalSplit] | None = None,
 ) -> EvalResult:
     """Evaluate on ``cfg.data.val_split`` of ``cfg.data.shards_dir`` (training's in-loop eval and the CLI),
     or with ``data.sources`` on the val split of each source, apart.
 
     A mix's metrics are keyed ``<source>/<metric>`` and its files written to ``out_dir/<source>``; each
-    source is scored in its own categories (``categories`` is the merged label space). Call on every rank.
-    Caller sets eval mode / autocast as it wants; see :func:`evaluate` (``synced``).
+    source is scored in its own categories (``categories`` is the merged label space). ``splits``: the
+    splits as :func:`ticod.data.spec.eval_splits` gives them (training works them out once); from ``cfg``
+    and ``categories`` when None. Call on every rank. Caller sets eval mode / autocast as it wants; see
+    :func:`evaluate` (``synced``).
     """
-    from ticod.data.shards import read_manifest
-    from ticod.data.sources import SourceError, load_category_map, resolve_sources, source_category_ids
-
-    if not cfg.data.sources:
-        category_ids, category_names = label_categories(categories)
-        return _evaluate_split(
-            model, cfg, tokenizer, category_ids, category_names, rank, world_size, device, out_dir, synced
-        )
-    renames = load_category_map(cfg.data.category_map)
-    merged = sorted(categories, key=lambda c: int(c["id"]))
+    splits = splits if splits is not None else eval_splits(cfg.data, categories)
+    if len(splits) == 1 and not splits[0].name:
+        return _evaluate_split(model, cfg, tokenizer, splits[0], rank, world_size, device, out_dir, synced)
     result = EvalResult({})
-    for src in resolve_sources(cfg.data):
-        if not src.val_split:
-            continue
-        own = read_manifest(src.shards_dir, src.val_split)["categories"]
-        try:
-            category_ids = source_category_ids(merged, own, renames.get(src.name, {}))
-        except SourceError as e:
-            raise ValueError(f"source {src.name!r}: {e}: the model was not trained on this mix") from None
-        one = OmegaConf.merge(
-            cfg,
-            {"data": {"sources": [], "shards_dir": src.shards_dir, "val_split": src.val_split}},
-        )
+    for split in splits:
         part = _evaluate_split(
-            model,
-            one,  # type: ignore[arg-type]
-            tokenizer,
-            category_ids,
-            [str(c["name"]) for c in merged],
-            rank,
-            world_size,
-            device,
-            Path(out_dir) / src.name,
-            synced,
+            model, cfg, tokenizer, split, rank, world_size, device, Path(out_dir) / split.name, synced
         )
-        result.metrics.update({f"{src.name}/{k}": v for k, v in part.metrics.items()})
+        result.metrics.update({f"{split.name}/{k}": v for k, v in part.metrics.items()})
         result.sample_images += part.sample_images
-        result.tables.update({f"{src.name}/{k}": v for k, v in part.tables.items()})
+        result.tables.update({f"{split.name}/{k}": v for k, v in part.tables.items()})
     if rank == 0:  # all sources in one file too (model card, tools/show_metrics.py)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(result.metrics, indent=2, allow_nan=True))
@@ -621,8 +597,7 @@ def _evaluate_split(
     model: torch.nn.Module,
     cfg: Config,
     tokenizer: Any,
-    category_ids: Sequence[int | None],
-    category_names: Sequence[str],
+    split: EvalSplit,
     rank: int,
     world_size: int,
     device: torch.device,
@@ -634,7 +609,7 @@ def _evaluate_split(
     ev = cfg.eval
     # Only rank 0 scores: the other ranks never read the ground truth.
     gt = (
-        load_ground_truth(ev.instances_json, ev.captions_json, cfg.data.shards_dir, cfg.data.val_split)
+        load_ground_truth(ev.instances_json, ev.captions_json, split.shards_dir, split.split)
         if rank == 0
         else GroundTruth(None, {}, [])
     )
@@ -643,8 +618,9 @@ def _evaluate_split(
         tokenizer,
         rank=rank,
         world_size=world_size,
-        split=cfg.data.val_split,
+        split=split.split,
         max_samples=ev.max_images,
+        shards_dir=split.shards_dir,
     )
     if ev.max_images:
         gt = subset(gt, loader.image_ids)
@@ -652,8 +628,8 @@ def _evaluate_split(
         model,
         loader,
         gt=gt,
-        category_ids=category_ids,
-        category_names=category_names,
+        category_ids=split.category_ids,
+        category_names=split.category_names,
         tokenizer=tokenizer,
         cfg=ev,
         rank=rank,

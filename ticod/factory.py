@@ -18,8 +18,22 @@ def build_tokenizer(cfg: DataConfig):
     return load_tokenizer(tokenizer_path(cfg))
 
 
-def build_model(cfg: Config, tokenizer) -> TICOD:
-    """The joint model for ``cfg`` with the tokenizer's vocabulary and special tokens."""
+def build_model(cfg: Config, tokenizer, *, init_weights: bool = True) -> TICOD:
+    """The joint model for ``cfg`` with the tokenizer's vocabulary and special tokens.
+
+    ``init_weights=False``: the weights are left as allocated, for a caller that then loads every one of
+    them (a resume; DeepSpeed loads the module strictly). The random init of torch's layers and of
+    transformers' models is skipped (transformers' ``no_init_weights``, as its own loading does): most of a
+    random-init build's time. Buffers are made as usual; the captioner's tied LM head is tied again.
+    """
+    if not init_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = build_model(cfg, tokenizer)
+        if model.captioner is not None:
+            model.captioner.gpt.tie_weights()  # init_weights, skipped above, is what ties it
+        return model
     return TICOD(
         cfg.model,
         cfg.loss,

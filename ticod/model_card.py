@@ -16,8 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ticod.config import Config, Task, load_config
-from ticod.data.shards import read_manifest
-from ticod.data.sources import resolve_sources
+from ticod.data.spec import data_manifests, source_names
 from ticod.metrics.captioning import BERTSCORE_KEYS, COCO_CAPTION_KEYS
 from ticod.metrics.detection import DETECTION_KEYS
 
@@ -51,21 +50,8 @@ def write_model_card(export_dir: str | Path) -> Path:
     run_dir = Path(source["checkpoint"]).parent.parent  # run_dir/checkpoints/step_X
     cfg = load_config(export_dir / "config.yaml")
     card = export_dir / CARD
-    card.write_text(render_card(cfg, source, _manifests(cfg), latest_eval(run_dir)))
+    card.write_text(render_card(cfg, source, data_manifests(cfg.data), latest_eval(run_dir)))
     return card
-
-
-def _manifests(cfg: Config) -> dict[str, dict[str, Any] | str]:
-    """Manifest (or why it cannot be read) per split: ``<source>/<split>`` for a mix (data.sources)."""
-    out: dict[str, dict[str, Any] | str] = {}
-    for src in resolve_sources(cfg.data):
-        for split in dict.fromkeys(s for s in (src.train_split, src.val_split) if s):
-            key = f"{src.name}/{split}" if src.name else split
-            try:
-                out[key] = read_manifest(src.shards_dir, split)
-            except (FileNotFoundError, ValueError) as e:
-                out[key] = str(e)
-    return out
 
 
 def render_card(
@@ -129,7 +115,7 @@ def dataset_name(cfg: Config, manifests: dict[str, dict[str, Any] | str]) -> str
     """The data's public name: a mix's source names joined by "+", else the name the train manifest records
     (tools/shard_coco.py --dataset), else the shards folder's name (its parent's where it is "shards")."""
     if cfg.data.sources:
-        return "+".join(s.name for s in resolve_sources(cfg.data))
+        return "+".join(source_names(cfg.data))
     manifest = manifests.get(cfg.data.train_split) or manifests.get(cfg.data.val_split)
     if isinstance(manifest, dict) and manifest.get("dataset"):
         return str(manifest["dataset"])

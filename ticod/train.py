@@ -30,8 +30,8 @@ from ticod import engine as engine_lib
 from ticod import startup
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
-from ticod.data.pipeline import build_train_loader, read_manifest
-from ticod.data.sources import label_space, resolve_sources
+from ticod.data.pipeline import build_train_loader
+from ticod.data.spec import EvalSplit, eval_splits, resolve_data
 from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint
@@ -48,6 +48,7 @@ log = logging.getLogger("ticod")
 # The bad-sample ceiling is judged only once this many samples were read (one early bad sample
 # in a small run is not a 1% rate).
 MIN_SAMPLES_FOR_BAD_RATIO = 100
+EVAL_ERROR_CHARS = 500  # of each rank's evaluation error, in eval/error
 
 
 class TrainingStopped(RuntimeError):
@@ -145,30 +146,49 @@ class Run:
     rng_from: Path | None  # the checkpoint whose RNG states this run continues (an exact resume)
     plan: Plan  # the budget resolved for this world size: steps, global batch, peak lr
     data_wait: DataWaitWatch = field(init=False)
+    checkpointer: ckpt_lib.Checkpointer = field(init=False)
 
     def __post_init__(self) -> None:
         self.data_wait = DataWaitWatch(self.cfg.data.num_workers, self.cfg.data.prefetch_factor)
-
-    def save(self) -> Path:
-        ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
-        return ckpt_lib.save_checkpoint(
-            self.engine, Path(self.cfg.run_dir), self.state.step, ts, self.cfg.checkpoint.keep_last
+        faults = self.cfg.faults
+        self.checkpointer = ckpt_lib.Checkpointer(
+            self.cfg.run_dir,
+            self.cfg.checkpoint.keep_last,
+            async_save=self.cfg.checkpoint.async_save,
+            on_published=self.log_save,
+            kill_in_write_at_step=faults.kill_in_write_at_step if self.rank == faults.kill_rank else 0,
         )
+
+    def save(self, *, wait: bool = False) -> Path:
+        """Save a checkpoint (collective); ``wait``: also for its write and publish (before an exit or export)."""
+        ts = {"train": asdict(self.state), "plan": asdict(self.plan), "config": to_dict(self.cfg)}
+        path = self.checkpointer.save(self.engine, self.state.step, ts)
+        if wait:
+            self.checkpointer.wait()
+        return path
+
+    def log_save(self, times: ckpt_lib.SaveTimes) -> None:
+        metrics = {"blocking_s": times.blocking_s, "total_s": times.total_s}
+        self.tracker.log(times.step, metrics, prefix="checkpoint/", echo=False)
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate on every rank. A failure on any rank is logged, counted (``eval/failed``) and survived:
         days of training never end on a metric, and the ranks agree so none waits for another."""
         step = self.state.step
         try:
-            metrics, failed = self.evaluator.run(self.engine, step, self.tracker), False
-        except Exception:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
+            metrics, error = self.evaluator.run(self.engine, step, self.tracker), ""
+        except Exception as e:  # whatever broke (Java, BERTScore, wandb media, OOM): the training goes on
             log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
-            metrics, failed = {}, True
+            metrics, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"[:EVAL_ERROR_CHARS]
         self.engine.train()
-        if all_ranks_true(not failed, self.device):
+        if all_ranks_true(not error, self.device):
             return metrics
+        # Why, in the run dir too (eval/error in train_log.jsonl): a rank's stderr may be lost or elsewhere.
+        reason = "; ".join(e for e in all_ranks_gather(error) if e)
+        if self.rank == 0:
+            log.error("evaluation at step %d failed: %s", step, reason)
         self.state.eval_failed += 1
-        self.tracker.log(step, {"failed": self.state.eval_failed}, prefix="eval/")
+        self.tracker.log(step, {"failed": self.state.eval_failed, "error": reason}, prefix="eval/")
         return {}
 
 
@@ -241,6 +261,8 @@ def train(
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             fold_window(run, window)
             run.save()
+        if state.step in (cfg.faults.kill_at_step, cfg.faults.hang_at_step, cfg.faults.raise_at_step):
+            run.checkpointer.wait()  # a drill's fault "after step N" comes after step N's checkpoint is complete
         inject_process_fault(cfg.faults, state.step, rank)
         # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
         # that arrives after that check is acted on one step later.
@@ -248,7 +270,7 @@ def train(
             if not preemption.requested:
                 log.info("another rank received a stop signal")
             fold_window(run, window)
-            path = run.save()
+            path = run.save(wait=True)
             log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.signal_name, path)
             run.tracker.close()
             return REQUEUE_EXIT_CODE
@@ -266,32 +288,26 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     # First, before anything slow: a shared run_dir, Java, the BERTScore model and wandb, on every rank.
     tracker = run_preflight(cfg, lambda: Tracker(cfg.logging, run_dir, rank=rank, config=to_dict(cfg)))
     tokenizer = build_tokenizer(cfg.data)
-    sources = resolve_sources(cfg.data)
-    # Each train manifest read once here (COCO's is ~12 MB with its offsets; the loader reads it again).
-    manifests = [read_manifest(s.shards_dir, s.train_split) for s in sources]
-    space = label_space(sources, manifests, cfg.data.category_map)  # one source: its own categories
-    categories = space.categories
+    # The data worked out once: sources, train manifests (COCO's is ~12 MB with its offsets), label space.
+    spec = resolve_data(cfg.data)
+    categories = spec.categories
     layout = [world_size, cfg.data.num_workers, cfg.data.batch_size, cfg.optim.grad_accum]
     resume = find_resume(cfg, layout)
     origin = resume.origin if resume else (0, 0)
-    total = sum(m["total_samples"] for m in manifests)
-    plan = resolve_plan(cfg, world_size, total, origin, resume.progress if resume else 0.0)
-    data = [
-        [s.name, s.shards_dir, s.train_split, s.weight, m["total_samples"]]
-        for s, m in zip(sources, manifests, strict=True)
-    ]
+    plan = resolve_plan(cfg, world_size, spec.total_samples, origin, resume.progress if resume else 0.0)
+    data = spec.layout()
     if len(categories) != cfg.model.num_classes:
-        where = ", ".join(s.shards_dir for s in sources)
         raise ConfigError(
-            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in {where} have "
-            f"{len(categories)} categories"
-            + (f" after merging by name ({space.describe()})" if len(sources) > 1 else "")
+            f"config key 'model.num_classes': {cfg.model.num_classes}, but the shards in {spec.shards_dirs()} "
+            f"have {len(categories)} categories"
+            + (f" after merging by name ({spec.space.describe()})" if len(spec.sources) > 1 else "")
         )
 
     startup.mark("preflight, tokenizer, manifests")
     # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
+    # A resume loads every weight from its checkpoint: no random init first (most of a build's time).
+    model = build_model(cfg, tokenizer, init_weights=resume is None)
     if cfg.model.init_from and resume is None:  # a resumed run continues from its own checkpoint
         init_from(model, cfg.model.init_from, categories, tokenizer)
     model = model.to(device)
@@ -328,6 +344,7 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         seed=cfg.seed,
         start_batch=state.batches,
         origin=state.origin,
+        spec=spec,
     )
     startup.mark("data loader")
     log.info(
@@ -473,7 +490,10 @@ def forward_backward(
     # step-keyed fault would fire again on every retry and one injected NaN would become many.
     if state.batches in cfg.faults.nan_loss_at_steps:
         loss = loss * float("nan")
-    finite, stop, total = step_flags(loss, stop_requested, units.local)
+    finite, stop, written, total = step_flags(
+        loss, stop_requested, run.checkpointer.write_flag(), units.local
+    )
+    run.checkpointer.agreed(written)
     if units.local is not None:
         units.local, units.total = None, total
     if not finite:
@@ -498,7 +518,7 @@ def stop_if_nonfinite(run: Run, consecutive: int, window: Window) -> None:
     if consecutive >= run.cfg.max_nonfinite:
         fold_window(run, window)
         # Skipped micro-batches change no weights: this checkpoint holds the pre-fault weights.
-        path = run.save()
+        path = run.save(wait=True)
         raise TrainingStopped(
             f"{consecutive} consecutive non-finite losses (max_nonfinite={run.cfg.max_nonfinite}); "
             f"weights from before the fault saved in {path}"
@@ -528,7 +548,11 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
     )
     run.tracker.log(state.step, metrics, prefix="train/", echo=echo)
     run.data_wait.update(state.step, metrics["data_wait_frac"])
-    check_bad_fraction(state, run.cfg.max_bad_fraction)
+    try:
+        check_bad_fraction(state, run.cfg.max_bad_fraction)
+    except TrainingStopped:  # on every rank alike (reduced counts): the save in flight is published first
+        run.checkpointer.wait()
+        raise
     return metrics
 
 
@@ -558,7 +582,7 @@ def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> No
 def finish(run: Run) -> None:
     """Final checkpoint, export (rank 0), final evaluation and the run summary."""
     state, run_dir = run.state, Path(run.cfg.run_dir)
-    final = run.save()
+    final = run.save(wait=True)
     if run.rank == 0:
         # Before the final eval: the exported model is there even if evaluation fails.
         export_checkpoint(final, run_dir / "export")
@@ -682,23 +706,36 @@ def check_bad_fraction(state: TrainState, ceiling: float) -> None:
 
 
 def step_flags(
-    loss: torch.Tensor, stop_requested: bool, units: torch.Tensor | None = None
-) -> tuple[bool, bool, list[float]]:
-    """(the loss is finite on every rank, some rank was asked to stop, ``units`` summed over the ranks): one
-    small all-reduce and one device-to-host read per micro-batch, the only sync the step loop makes outside
-    log steps. ``units``: the step's label units on this rank (:class:`StepUnits`), sent with the first
-    micro-batch's flags (None: zeros are sent and returned)."""
-    # [non-finite, stop, box images, caption tokens], summed over ranks (a flag > 0: some rank raised it).
-    nonfinite = torch.isfinite(loss.detach()).logical_not()
+    loss: torch.Tensor, stop_requested: bool, write: int = 0, units: torch.Tensor | None = None
+) -> tuple[bool, bool, int, list[float]]:
+    """(the loss is finite on every rank, some rank was asked to stop, the max over ranks of ``write``, their
+    checkpoint writes' :meth:`~ticod.checkpoint.Checkpointer.write_flag`, ``units`` summed over the ranks):
+    one small all-reduce and one device-to-host read per micro-batch, the only sync the step loop makes
+    outside log steps. ``units``: the step's label units on this rank (:class:`StepUnits`), sent with the
+    first micro-batch's flags (None: zeros are sent and returned)."""
+    # [non-finite, stop, write in flight, write failed, box images, caption tokens], summed over ranks: a
+    # flag > 0 means some rank raised it, so the write's max over ranks is 2 if any failed, else 1 if any
+    # is in flight.
+    nonfinite = torch.isfinite(loss.detach()).logical_not().to(torch.float64)
+    raised = [stop_requested, write == 1, write >= 2]
     counts = torch.zeros(2, dtype=torch.float64) if units is None else units.to(torch.float64)
     flags = torch.cat(
-        [torch.stack([nonfinite, torch.full_like(nonfinite, stop_requested)]).to(torch.float64),
+        [torch.stack([nonfinite, *(torch.full_like(nonfinite, f) for f in raised)]),
          counts.to(loss.device, non_blocking=True)]
     )  # fmt: skip
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags)
-    nonfinite, stop, *total = flags.tolist()
-    return nonfinite == 0, stop > 0, total
+    nonfinite, stop, in_flight, failed, *total = flags.tolist()
+    return nonfinite == 0, stop > 0, 2 if failed else 1 if in_flight else 0, total
+
+
+def all_ranks_gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, on every rank (a collective: every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
@@ -785,12 +822,14 @@ class Evaluator:
     def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
         self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
         self.rank, self.world_size, self.device = rank, world_size, device
-        self._gt = None
+        self._splits: list[EvalSplit] | None = None  # worked out at the first evaluation, then reused
 
     def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
         from ticod.evaluate import run_evaluation
 
         out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
+        if self._splits is None:
+            self._splits = eval_splits(self.cfg.data, self.categories)
         engine.eval()
         with torch.no_grad(), engine_lib.autocast_context(engine):
             result = run_evaluation(
@@ -804,6 +843,7 @@ class Evaluator:
                 out_dir=out_dir,
                 # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
                 synced=engine.zero_optimization_stage() == 3,
+                splits=self._splits,
             )
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         tracker.log(step, metrics, prefix="eval/")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -50,7 +49,8 @@ from ticod.data.shards import (
     read_samples,
     sample_offsets,
 )
-from ticod.data.sources import label_space, resolve_sources, shard_weights
+from ticod.data.sources import shard_weights
+from ticod.data.spec import DataSpec, resolve_data
 from ticod.data.tokenizer import encode_captions
 from ticod.data.transforms import (
     SizeMismatchError,
@@ -118,10 +118,11 @@ class StreamStats:
 
 
 def _shards(
-    shards_dir: str, split: str, source: int = 0, offset: int = 0
+    shards_dir: str, split: str, source: int = 0, offset: int = 0, manifest: dict[str, Any] | None = None
 ) -> tuple[list[Shard], dict[str, Any]]:
-    """The split's shards (global sample indices from ``offset`` on, tagged with ``source``) and manifest."""
-    manifest = read_manifest(shards_dir, split)
+    """The split's shards (global sample indices from ``offset`` on, tagged with ``source``) and manifest
+    (read here unless given)."""
+    manifest = manifest if manifest is not None else read_manifest(shards_dir, split)
     shards = []
     for s in manifest["shards"]:
         n, byte_offsets, sizes = int(s["samples"]), sample_offsets(s), s.get("sizes")
@@ -631,6 +632,7 @@ def build_train_loader(
     start_batch: int = 0,
     origin: int = 0,
     split: str | None = None,
+    spec: DataSpec | None = None,
 ) -> DataLoader:
     """Endless training batches of ``cfg.batch_size`` for ``rank`` (see the module doc for the batch format).
 
@@ -657,17 +659,15 @@ def build_train_loader(
             of the checkpoint when a run resumed with another world size, worker count or batch size
             (the old streams cannot be continued then; fresh ones are drawn, keyed by this step).
         split: Shard split; ``cfg.train_split`` when None.
+        spec: The data as training's setup resolved it (:func:`ticod.data.spec.resolve_data`); resolved
+            from ``cfg`` and ``split`` when None.
     """
     del world_size  # resampling needs no partition: each rank draws its own shard sequence
-    sources = resolve_sources(cfg)
-    if split is not None and len(sources) == 1:
-        sources[0] = dataclasses.replace(sources[0], train_split=split)
-    shards, manifests = [], []
-    for i, src in enumerate(sources):
-        got, manifest = _shards(src.shards_dir, src.train_split, i, sum(s.samples for s in shards))
-        shards += got
-        manifests.append(manifest)
-    space = label_space(sources, manifests, cfg.category_map)
+    spec = spec if spec is not None else resolve_data(cfg, split=split)
+    sources, manifests, space = spec.sources, spec.manifests, spec.space
+    shards: list[Shard] = []
+    for i, (src, manifest) in enumerate(zip(sources, manifests, strict=True)):
+        shards += _shards(src.shards_dir, src.train_split, i, sum(s.samples for s in shards), manifest)[0]
     remaps = [(src.name, space.to_merged[src.name]) for src in sources]
     process = SampleProcessor(cfg, space.categories, train=True, sources=remaps)
     log_buffer_memory(cfg, {"shards": [s for m in manifests for s in m["shards"]]})
@@ -862,6 +862,7 @@ def build_eval_loader(
     world_size: int,
     split: str | None = None,
     max_samples: int = 0,
+    shards_dir: str | None = None,
 ) -> EvalLoader:
     """Batches of ``cfg.eval_batch_size`` that visit every sample of the split exactly once over all ranks.
 
@@ -876,14 +877,16 @@ def build_eval_loader(
         world_size: Number of ranks.
         split: Shard split; ``cfg.val_split`` when None.
         max_samples: Only the split's first N samples in shard order (0: all); ``image_ids`` lists them.
+        shards_dir: Where the split is; ``cfg.shards_dir`` when None (a source of a mix: its own dir).
     """
-    shards, manifest = _shards(cfg.shards_dir, split or cfg.val_split)
+    shards_dir = shards_dir or cfg.shards_dir
+    shards, manifest = _shards(shards_dir, split or cfg.val_split)
     process = SampleProcessor(cfg, manifest["categories"], train=False)
     if world_size * max(1, cfg.num_workers) > 1 and not all(s.byte_offsets for s in shards):
         log.warning(
             "%s: the '%s' manifest has no per-sample byte offsets (manifest format 1): each eval stream reads "
             "its shards from their start; rewrite the shards with tools/shard_coco.py to read each byte once",
-            cfg.shards_dir,
+            shards_dir,
             split or cfg.val_split,
         )
     stream = _EvalStream(

@@ -1,6 +1,6 @@
 """Learning real images: overfit the 80 real COCO train2017 images of ../shared/coco_sample on CPU.
 
-``python tools/bench/coco_overfit.py [--steps N] [--nproc 1|2] [--set KEY=VALUE ...] [--work DIR]``
+``python tools/bench/coco_overfit.py [--steps N] [--nproc 2|1] [--set KEY=VALUE ...] [--work DIR]``
 
 Shards the sample twice with tools/shard_coco.py (``train``, with its BPE tokenizer, and ``val``: the same
 80 images), trains ``configs/coco_overfit.yaml`` (the demo's tiny Swin and GPT-2 with the Swin configs' box
@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_coco_arg(p)
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: the config's max_steps)")
-    p.add_argument("--nproc", type=int, default=1, help="CPU ranks (2: the deepspeed launcher)")
+    p.add_argument(
+        "--nproc", type=int, default=2, help="CPU ranks (2, the config's size: the deepspeed launcher)"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--work", default="", help="keep shards and the run here (default: a temporary dir)")
     p.add_argument("--out", default="runs/bench/coco_overfit.json", help="result JSON")
@@ -70,7 +72,7 @@ def train_command(nproc: int, overrides: list[str]) -> list[str]:
 
 
 def overfit(
-    coco: Path, work: Path, *, steps: int = 0, nproc: int = 1, extra: list[str] = ()
+    coco: Path, work: Path, *, steps: int = 0, nproc: int = 2, extra: list[str] = ()
 ) -> dict[str, Any]:
     """Shard, train and evaluate; the final eval metrics, the steps and the time of the run."""
     shards = shard_sample(coco, work / "shards")

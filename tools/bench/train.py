@@ -6,6 +6,8 @@
 
 A step is what ``ticod.train`` does: ``engine(batch)``, ``engine.backward``, ``engine.step`` (grad clip,
 AdamW, schedule) on fixed batches of the demo shards resized to ``--image-size``, after warm-up rounds.
+``--profile FILE`` also runs one round under ``torch.profiler`` and writes its op tables (by self GPU time
+and by self CPU time) to FILE: where a host-bound step spends its time.
 
 MFU = model FLOPs per step × steps/s ÷ the device's peak dense bf16 FLOP/s (H100/H200 SXM: 989e12; pass
 ``--peak-tflops`` otherwise). Model FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on
@@ -55,6 +57,7 @@ LARGE_TARGET = 15.0  # images/s per H100 for TICOD-large at 1333×800 (issue 8)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, default_out="bench_results/train.json")
+    p.add_argument("--profile", default="", help="also profile one round of steps: op tables to this file")
     p.add_argument("--steps", type=int, default=3, help="steps per round")
     p.add_argument("--images", type=int, default=32, help="demo images to generate (without --data)")
     p.add_argument(
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print("s/step:")
         t = alternate({"train": round_}, repeats=args.repeats, warmup=args.warmup)["train"]
         peak = peak_memory(lambda: step(batches[0]), device)[1]  # one step above the settled state
+    if args.profile and info.rank == 0:
+        profile_steps(lambda: [step(b) for b in batches], device, args.profile)
     batch = len(batches[0]["image_sizes"])
     per_step_flops = sum(flops) / len(flops)
     peak_dev = peak_flops(device, args.peak_tflops)
@@ -162,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def profile_steps(fn: Any, device: torch.device, out: str) -> None:
+    """Op tables of one round under torch.profiler: by self device time (GPU) and by self CPU time."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    avg = prof.key_averages()
+    keys = (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+    text = "\n\n".join(f"sorted by {k}:\n" + avg.table(sort_by=k, row_limit=40) for k in keys)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(text[:6000])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from common import ROOT, Report, Row, Target, make_demo_data, workdir
-from requeue import launch
+from requeue import launch, small_run_args
 
 from ticod.checkpoint import list_checkpoints
 
@@ -53,32 +53,12 @@ def saves(run_dir: Path, last: int) -> list[dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    w, h = (int(v) for v in args.image_size.lower().split("x"))
     report = Report("checkpoint", torch.device("cpu"), vars(args))
     with workdir(args.keep) as tmp:
         _, shards = make_demo_data(tmp / "data", 64, per_shard=16)
         steps = args.every * args.saves + 1  # the final save at a step of its own
         common = [
-            "--config",
-            args.config,
-            f"data.shards_dir={shards}",
-            "data.tokenizer=''",
-            "data.batch_size=1",
-            "data.num_workers=1",
-            f"data.train_min_sizes=[{min(w, h)}]",
-            f"data.test_min_size={min(w, h)}",
-            f"data.max_size={max(w, h)}",
-            "model.backbone.pretrained=false",
-            "model.backbone.checkpoint_path=''",
-            "model.captioner.pretrained=false",
-            "model.num_classes=6",
-            "deepspeed.zero_stage=2",
-            "deepspeed.precision=fp32",
-            "eval.at_start=false",
-            "eval.at_end=false",
-            "eval.every=0",
-            "logging.wandb.mode=disabled",
-            "logging.log_every=1",
+            *small_run_args(args.config, shards, args.image_size),
             "optim.warmup_steps=1",
             f"max_steps={steps}",
             f"checkpoint.save_every={args.every}",

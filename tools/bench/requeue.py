@@ -110,34 +110,42 @@ def parts(job_start: float, startup: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def small_run_args(config: str, shards: Path, image_size: str) -> list[str]:
+    """``ticod.train`` arguments of a reduced CPU run of ``config`` on demo shards: random init, batch 1,
+    ZeRO-2, fp32, images at ``image_size`` (WxH), no evaluation, no wandb, a log line every step."""
+    w, h = (int(v) for v in image_size.lower().split("x"))
+    return [
+        "--config",
+        config,
+        f"data.shards_dir={shards}",
+        "data.tokenizer=''",
+        "data.batch_size=1",
+        "data.num_workers=1",
+        f"data.train_min_sizes=[{min(w, h)}]",
+        f"data.test_min_size={min(w, h)}",
+        f"data.max_size={max(w, h)}",
+        "model.backbone.pretrained=false",
+        "model.backbone.checkpoint_path=''",
+        "model.captioner.pretrained=false",
+        "model.num_classes=6",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=fp32",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "eval.every=0",
+        "logging.wandb.mode=disabled",
+        "logging.log_every=1",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    w, h = (int(v) for v in args.image_size.lower().split("x"))
     report = Report("requeue", torch.device("cpu"), vars(args))
     with workdir(args.keep) as tmp:
         _, shards = make_demo_data(tmp / "data", 64, per_shard=16)
         run = tmp / "run"
         common = [
-            "--config",
-            args.config,
-            f"data.shards_dir={shards}",
-            "data.tokenizer=''",
-            "data.batch_size=1",
-            "data.num_workers=1",
-            f"data.train_min_sizes=[{min(w, h)}]",
-            f"data.test_min_size={min(w, h)}",
-            f"data.max_size={max(w, h)}",
-            "model.backbone.pretrained=false",
-            "model.backbone.checkpoint_path=''",
-            "model.captioner.pretrained=false",
-            "model.num_classes=6",
-            "deepspeed.zero_stage=2",
-            "deepspeed.precision=fp32",
-            "eval.at_start=false",
-            "eval.at_end=false",
-            "eval.every=0",
-            "logging.wandb.mode=disabled",
-            "logging.log_every=1",
+            *small_run_args(args.config, shards, args.image_size),
             "checkpoint.keep_last=100",
             "optim.warmup_steps=1",
             *args.set,

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from ticod.models.backbone import pad_to_multiple
 from ticod.models.ticod import TICOD
 
 
@@ -35,13 +34,8 @@ def grounding_gap(model: TICOD, batches: Iterable[dict[str, Any]]) -> dict[str, 
             images = batch["images"]
             if images.shape[0] < 2:
                 raise ValueError("grounding_gap needs batches of at least 2 images")
-            sizes = model._image_sizes(images, batch["image_sizes"])
-            padded = pad_to_multiple(model.normalize(images, sizes), model.backbone.size_divisor)
-            features = model.backbone(padded)
-            fpn = model.detector.fpn(features) if model.fpn_levels and model.detector is not None else None
-            maps = model._memory_maps(features, fpn)
+            maps, sizes, shape = model.caption_memory(images, batch["image_sizes"])
             ids, mask = batch["captions"]["input_ids"], batch["captions"]["attention_mask"]
-            shape = (int(padded.shape[-2]), int(padded.shape[-1]))
             loss = model.captioner(maps, sizes, shape, ids, mask)
             other = [*range(1, len(sizes)), 0]
             swapped = model.captioner([m[other] for m in maps], [sizes[i] for i in other], shape, ids, mask)

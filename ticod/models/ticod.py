@@ -274,12 +274,19 @@ class TICOD(nn.Module):
         """Caption ids (without BOS/EOS) per image; beams and length default to the config's."""
         if self.captioner is None:
             raise RuntimeError("this model was built without the captioner (loss.task=detection)")
+        maps, sizes, shape = self.caption_memory(images, image_sizes)
+        return self.captioner.generate(maps, sizes, shape, num_beams, max_new_tokens)
+
+    def caption_memory(
+        self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
+        """What the caption decoder cross-attends to for ``images``: its feature maps, the images' (h, w)
+        and the padded batch's (h, w), as the decoder's forward and ``generate`` take them."""
         sizes = self._image_sizes(images, image_sizes)
         padded = pad_to_multiple(self.normalize(images, sizes), self.backbone.size_divisor)
         features = self.backbone(padded)
         fpn = self.detector.fpn(features) if self.fpn_levels else None
-        maps = self._memory_maps(features, fpn)
-        return self.captioner.generate(maps, sizes, tuple(padded.shape[-2:]), num_beams, max_new_tokens)
+        return self._memory_maps(features, fpn), sizes, (int(padded.shape[-2]), int(padded.shape[-1]))
 
     def normalize(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """:func:`normalize_pixels` with this model's ``pixel_mean``/``pixel_std`` (floats pass through)."""

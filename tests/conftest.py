@@ -18,6 +18,7 @@ from helpers import (
     DEMO_VOCAB,
     ROOT,
     load_tool,
+    shard_demo_coco,
 )
 from slurm_cluster import LAUNCHER_VARS
 
@@ -99,28 +100,9 @@ def demo_shards_dir(demo_coco_dir: Path, tmp_path_factory: pytest.TempPathFactor
     Use with ``data.shards_dir=<dir>`` and ``data.tokenizer=<dir>/tokenizer`` (or ``data.tokenizer=''``,
     quoted: a bare ``data.tokenizer=`` is None). Read-only.
     """
-    from ticod.data.coco import load_records
-    from ticod.data.shards import write_shards
-    from ticod.data.tokenizer import train_caption_tokenizer
-
     out = tmp_path_factory.mktemp("demo_shards")
-    ann = demo_coco_dir / "annotations"
-    for split, per_shard in (("train", DEMO_TRAIN_PER_SHARD), ("val", DEMO_VAL_PER_SHARD)):
-        records, categories = load_records(ann / f"instances_{split}.json", ann / f"captions_{split}.json")
-        write_shards(
-            records,
-            categories,
-            demo_coco_dir / split,
-            out,
-            split,
-            samples_per_shard=per_shard,
-            progress=False,
-        )
-        if split == "train":
-            train_caption_tokenizer(
-                [c for r in records for c in r["captions"]], out / "tokenizer", DEMO_VOCAB
-            )
-    return out
+    per_shard = {"train": DEMO_TRAIN_PER_SHARD, "val": DEMO_VAL_PER_SHARD}
+    return shard_demo_coco(demo_coco_dir, out, per_shard, DEMO_VOCAB)
 
 
 _PG_PORT: list[int] = []  # the port of the session's one-rank group

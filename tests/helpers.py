@@ -295,3 +295,20 @@ def train_label_space(cfg):
     from ticod.data.spec import resolve_data
 
     return resolve_data(cfg).space
+
+
+def shard_demo_coco(coco: Path, out: Path, per_shard: dict[str, int], vocab: int) -> Path:
+    """A COCO-format dir of tools/make_demo_coco.py sharded into ``out`` (``per_shard`` samples per shard of
+    each split, as tools/shard_coco.py writes them), with a BPE of ``vocab`` tokens trained on the train
+    captions in ``out/tokenizer``."""
+    from ticod.data.coco import load_records
+    from ticod.data.shards import write_shards
+    from ticod.data.tokenizer import train_caption_tokenizer
+
+    ann = coco / "annotations"
+    for split, n in per_shard.items():
+        records, categories = load_records(ann / f"instances_{split}.json", ann / f"captions_{split}.json")
+        write_shards(records, categories, coco / split, out, split, samples_per_shard=n, progress=False)
+        if split == "train":
+            train_caption_tokenizer([c for r in records for c in r["captions"]], out / "tokenizer", vocab)
+    return out

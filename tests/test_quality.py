@@ -25,11 +25,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import DEMO, deepspeed_cmd, load_tool, minilm_dir, run_killing_group, train_env
+from helpers import DEMO, deepspeed_cmd, load_tool, minilm_dir, run_killing_group, shard_demo_coco, train_env
 
-from ticod.data.coco import load_records
-from ticod.data.shards import write_shards
-from ticod.data.tokenizer import train_caption_tokenizer
 from ticod.metrics.grounding import grounding_of_run
 
 pytestmark = pytest.mark.slow
@@ -54,17 +51,8 @@ FLOORS: dict[str, dict[str, float]] = {
 def quickstart_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart's demo data: 600 train + 100 val images (seed 0), shards and a 1000-token BPE."""
     root = tmp_path_factory.mktemp("quality")
-    coco, shards = root / "coco", root / "shards"
-    load_tool("make_demo_coco").make_demo_coco(coco, 600, 100, 0)
-    for split, per_shard in (("train", 100), ("val", 25)):
-        ann = coco / "annotations"
-        records, categories = load_records(ann / f"instances_{split}.json", ann / f"captions_{split}.json")
-        write_shards(
-            records, categories, coco / split, shards, split, samples_per_shard=per_shard, progress=False
-        )
-        if split == "train":
-            train_caption_tokenizer([c for r in records for c in r["captions"]], shards / "tokenizer", 1000)
-    return shards
+    load_tool("make_demo_coco").make_demo_coco(root / "coco", 600, 100, 0)
+    return shard_demo_coco(root / "coco", root / "shards", {"train": 100, "val": 25}, 1000)
 
 
 def train_and_score(shards: Path, run_dir: Path, task: str) -> dict[str, float]:

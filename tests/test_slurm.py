@@ -288,10 +288,12 @@ def submit_training(
 
 
 def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the training rows of train_log.jsonl (eval and checkpoint rows have lines of their own)."""
     path = run_dir / "train_log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if "train/loss" in r]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, Report, Row, Target, make_demo_data, workdir
-from requeue import launch, small_run_args
+from common import Report, Row, Target, make_demo_data, workdir
+from requeue import add_small_run_args, launch, small_run_args
 
 from ticod.checkpoint import list_checkpoints
 
@@ -33,9 +33,7 @@ TARGET = 0.10
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "ticod_small.yaml"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
-    p.add_argument("--image-size", default="320x224", metavar="WxH", help="long x short side")
+    add_small_run_args(p)
     p.add_argument("--saves", type=int, default=3, help="periodic saves measured per side")
     p.add_argument("--every", type=int, default=1, help="steps between saves")
     p.add_argument("--ranks", type=int, default=2)

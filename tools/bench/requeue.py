@@ -58,9 +58,7 @@ PARTS = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "ticod_small.yaml"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
-    p.add_argument("--image-size", default="320x224", metavar="WxH", help="long x short side")
+    add_small_run_args(p)
     p.add_argument("--steps", type=int, default=2, help="steps trained before the checkpoint (N)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument(
@@ -108,6 +106,13 @@ def parts(job_start: float, startup: dict[str, Any]) -> dict[str, float]:
     out["seek (in first batch)"] = float(startup.get("seek_s") or 0.0)
     out["total"] = marks["first step"] - job_start
     return out
+
+
+def add_small_run_args(p: argparse.ArgumentParser) -> None:
+    """The reduced CPU run's arguments (--config, --set, --image-size), read by :func:`small_run_args`."""
+    p.add_argument("--config", default=str(ROOT / "configs" / "ticod_small.yaml"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    p.add_argument("--image-size", default="320x224", metavar="WxH", help="long x short side")
 
 
 def small_run_args(config: str, shards: Path, image_size: str) -> list[str]:

@@ -38,6 +38,7 @@ METRICS = ("AP", "CIDEr", "BERTScore-F1", "BLEU-4", "distinct", "grounding_gap")
 # Issue 24's targets for the demo over 3 seeds.
 TARGETS = {"mean CIDEr": 0.90, "mean BERTScore-F1": 0.63, "min distinct": 35, "min AP": 0.80}
 MAX_CIDER_SPREAD = 0.15
+TRAIN_IMAGES = 600  # launch/quickstart.sh's --train
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -45,7 +46,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
-def make_data(out: Path) -> Path:
+def make_data(out: Path, train_images: int = TRAIN_IMAGES) -> Path:
     """The quickstart's demo data (same commands and arguments as launch/quickstart.sh)."""
     shards = out / "shards"
     if (shards / "val-manifest.json").is_file():
@@ -58,7 +59,7 @@ def make_data(out: Path) -> Path:
             "--out",
             str(out / "coco"),
             "--train",
-            "600",
+            str(train_images),
             "--val",
             "100",
             "--seed",
@@ -127,10 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks per training (the quickstart's 2)")
     p.add_argument("--baseline", type=Path, default=BASELINE)
     p.add_argument("--update-baseline", action="store_true", help="write the results as the new baseline")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=TRAIN_IMAGES,
+        help="demo train images (the quickstart's by default)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args(argv)
 
-    shards = make_data(args.out / "data")
+    shards = make_data(args.out / "data", args.train_images)
     per_seed = {s: train(shards, args.out / f"seed{s}", s, args.nproc, args.overrides) for s in args.seeds}
     baseline = json.loads(args.baseline.read_text()) if args.baseline.is_file() else {"seeds": {}}
 
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         mark = ("ok" if checks[k] else "MISSED") if k in checks else ""
         print(f"  {k:<20} {v:8.3f}  {goal:<7} {mark}")
 
-    result = {"machine": machine_info_cpu(), "overrides": args.overrides, "seeds": per_seed, "summary": agg,
+    result = {"machine": machine_info_cpu(), "overrides": args.overrides, "train_images": args.train_images, "seeds": per_seed, "summary": agg,
               "targets_met": checks}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(result, indent=1, default=str))

@@ -2,7 +2,7 @@
 
 ``python -m ticod.evaluate --checkpoint PATH [--data SHARDS_DIR] [--split val] [--out DIR] [key=value ...]``
 runs alone or under torchrun / srun (every rank evaluates its share of the split). Training calls
-:func:`run_evaluation` every ``eval.every`` steps with the same code.
+:func:`run_evaluation` every ``eval.every`` steps with the same code (:class:`Evaluator`).
 
 Each rank runs its own share of the eval stream (shares may be uneven, some even empty); the per-image
 predictions are then gathered to rank 0, which checks that every image was counted exactly once,
@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ticod import engine as engine_lib
 from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.data.spec import EvalSplit, eval_splits
@@ -45,6 +46,9 @@ from ticod.metrics.detection import detection_metrics
 from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, write_per_class_csv
 from ticod.metrics.per_class import table as per_class_table
 from ticod.visualize import draw_predictions
+
+if TYPE_CHECKING:
+    from ticod.tracker import Tracker
 
 log = logging.getLogger("ticod")
 
@@ -642,6 +646,44 @@ def _evaluate_split(
     )
 
 
+# ------------------------------------------------------------------------------- inside training
+class Evaluator:
+    """Evaluation on the val split inside training (all ranks take part): :func:`run_evaluation` of a
+    DeepSpeed engine's model."""
+
+    def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
+        self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._splits: list[EvalSplit] | None = None  # worked out at the first evaluation, then reused
+
+    def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
+        """Evaluate the engine's model at ``step`` (collective), log its finite metrics, images and tables."""
+        out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
+        if self._splits is None:
+            self._splits = eval_splits(self.cfg.data, self.categories)
+        engine.eval()
+        with torch.no_grad(), engine_lib.autocast_context(engine):
+            result = run_evaluation(
+                engine.module,
+                self.cfg,
+                self.tokenizer,
+                self.categories,
+                rank=self.rank,
+                world_size=self.world_size,
+                device=self.device,
+                out_dir=out_dir,
+                # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
+                synced=engine.zero_optimization_stage() == 3,
+                splits=self._splits,
+            )
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        tracker.log(step, metrics, prefix="eval/")
+        tracker.log_images(step, "eval/predictions", result.sample_images)
+        tracker.log_tables(step, result.tables, prefix="eval/")
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------- entry
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export dir, run dir or checkpoint dir")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import io
 import json
 import logging
 import math
@@ -35,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from PIL import Image
-from pycocotools.coco import COCO
 
 from ticod import engine as engine_lib
 from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.data.spec import EvalSplit, eval_splits
+from ticod.ground_truth import GroundTruth, load_ground_truth, subset
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
 from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, write_per_class_csv
@@ -61,22 +59,6 @@ DUMMY_IMAGE_SIZE = 32
 
 class EvalCountError(RuntimeError):
     """The gathered predictions do not cover the split exactly once."""
-
-
-@dataclass
-class GroundTruth:
-    """What the predictions are scored against.
-
-    Attributes:
-        instances: COCO instances ground truth (boxes, crowd flags, areas, categories); None when only
-            captions are evaluated.
-        captions: Image id -> all reference captions.
-        image_ids: The images of the evaluated split (or subset), each expected exactly once.
-    """
-
-    instances: COCO | None
-    captions: dict[int, list[str]]
-    image_ids: list[int]
 
 
 @dataclass
@@ -506,58 +488,7 @@ def evaluate(
     return EvalResult(metrics, sample_images, tables)
 
 
-# ------------------------------------------------------------------------- ground truth + entry
-def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
-@functools.lru_cache(maxsize=8)
-def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
-    """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
-
-    Rebuilt from shards, it reads only the ``.json`` members (format-2 manifests seek to them; the JPEGs are
-    never read), and lacks the samples that cannot be read; the eval loader counts those as bad and
-    :func:`dedupe` expects them missing, so the expected images are then all the manifest lists.
-    Cached: training evaluates the same split every ``eval.every`` steps.
-    """
-    instances: dict[str, Any] | None = None
-    refs: dict[int, list[str]] = {}
-    if not (instances_json and captions_json):
-        from ticod.data.shards import ground_truth_from_shards
-
-        instances, refs = ground_truth_from_shards(shards_dir, split)
-    if instances_json:
-        instances = json.loads(Path(instances_json).read_text())
-    if captions_json:
-        refs = {}
-        for ann in json.loads(Path(captions_json).read_text())["annotations"]:
-            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
-    assert instances is not None
-    ids = sorted(int(im["id"]) for im in instances["images"])
-    if not instances_json:
-        from ticod.data.shards import read_manifest
-
-        keys = [int(k) for s in read_manifest(shards_dir, split)["shards"] for k in s.get("keys", [])]
-        ids = sorted(keys) or ids  # manifests without keys (older ones): the readable images
-    return GroundTruth(_coco_from_dict(instances), refs, ids)
-
-
-def label_categories(categories: Sequence[dict[str, Any]]) -> tuple[list[int], list[str]]:
-    """Original COCO id and name of each label 1..K (labels follow the sorted category ids)."""
-    cats = sorted(categories, key=lambda c: int(c["id"]))
-    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
-
-
-def subset(gt: GroundTruth, image_ids: Iterable[int]) -> GroundTruth:
-    """The same ground truth, expecting only ``image_ids`` (``eval.max_images``)."""
-    keep = set(image_ids)
-    return GroundTruth(gt.instances, gt.captions, [i for i in gt.image_ids if i in keep])
-
-
+# ---------------------------------------------------------------------------------- evaluation
 def run_evaluation(
     model: torch.nn.Module,
     cfg: Config,

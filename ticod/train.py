@@ -30,8 +30,8 @@ from ticod import engine as engine_lib
 from ticod import startup
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
-from ticod.data.pipeline import build_train_loader
 from ticod.data.spec import EvalSplit, eval_splits, resolve_data
+from ticod.data.train_stream import build_train_loader
 from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
 from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.export import export_checkpoint

@@ -138,7 +138,8 @@ def test_one_source_draws_every_shard_equally_often_the_short_last_one_too() -> 
 
 
 def test_logged_task_losses_are_means_over_the_micro_batches_that_had_the_task() -> None:
-    from ticod.train import Window, tasks_present
+    from ticod.train import tasks_present
+    from ticod.train_metrics import Window
 
     window = Window()
     parts = {"caption": 2.0, "loss_cap": 2.0, "rpn_box": 4.0, "loss_det": 4.0, "loss": 4.4}

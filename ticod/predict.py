@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from ticod.config import ConfigError, DataConfig
+from ticod.data.coco import label_categories
 from ticod.data.transforms import decode_rgb, resize, to_uint8_tensor
-from ticod.evaluate import label_categories
 from ticod.visualize import draw_predictions
 
 log = logging.getLogger("ticod")

@@ -44,7 +44,7 @@ from resume import without_offsets
 import ticod.data.shards as shards_module
 from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
-from ticod.evaluate import load_ground_truth
+from ticod.ground_truth import load_ground_truth
 
 TARGET = 1.10  # bytes read per evaluation / val split on disk
 

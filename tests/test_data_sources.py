@@ -9,7 +9,6 @@ import torch
 from helpers import train_label_space
 
 from ticod.config import load_config
-from ticod.data.pipeline import build_train_loader
 from ticod.data.plan import StreamPlan
 from ticod.data.sources import (
     LabelSpace,
@@ -18,6 +17,7 @@ from ticod.data.sources import (
     source_category_ids,
 )
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
 

@@ -39,7 +39,7 @@ from tiny_model import (
 
 from ticod.config import Config
 from ticod.data.coco import label_categories
-from ticod.data.pipeline import build_eval_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
 from ticod.evaluate import (
     EvalCountError,

@@ -519,7 +519,7 @@ def _evaluate_split(
     out_dir: str | Path,
     synced: bool,
 ) -> EvalResult:
-    from ticod.data.pipeline import build_eval_loader
+    from ticod.data.eval_stream import build_eval_loader
 
     ev = cfg.eval
     # Only rank 0 scores: the other ranks never read the ground truth.

@@ -68,7 +68,7 @@ def load_image(path: Path) -> Image.Image:
 def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Decoded images -> a batch as the eval pipeline makes it, and each image's (h, w) after resizing.
 
-    The eval sample path (``ticod.data.pipeline.SampleProcessor`` without flip): ``resize`` to the short
+    The eval sample path (``ticod.data.samples.SampleProcessor`` without flip): ``resize`` to the short
     side ``test_min_size`` (long side at most ``max_size``), uint8 pixels, zero-padded bottom/right.
     """
     resized = []

@@ -25,8 +25,8 @@ from ticod import distributed, startup
 from ticod import engine as engine_lib
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
-from ticod.data.pipeline import build_train_loader
 from ticod.data.spec import resolve_data
+from ticod.data.train_stream import build_train_loader
 from ticod.data_wait import DataWaitWatch
 from ticod.evaluate import Evaluator
 from ticod.export import export_checkpoint

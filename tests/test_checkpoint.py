@@ -114,7 +114,7 @@ def test_deepspeed_roundtrip(tmp_path, single_rank_pg, stage):
 def test_grad_norm_is_reported_at_every_zero_stage(single_rank_pg):
     """DeepSpeed reports no gradient norm at stage 0 in fp32; the trainer's own equals stage 2's and torch's."""
     from ticod.engine import build_engine
-    from ticod.train import unreported_grad_norm
+    from ticod.train_metrics import unreported_grad_norm
 
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)

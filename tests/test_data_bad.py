@@ -16,8 +16,9 @@ import torch
 from helpers import batch_keys, shard_samples, tar_bytes
 
 from ticod.config import load_config
-from ticod.data.pipeline import build_eval_loader, build_train_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 
 MAX_TOKENS = 12
 

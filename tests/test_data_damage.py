@@ -15,9 +15,10 @@ import torch
 from helpers import batch_keys, data_cfg
 
 from ticod.data.coco import load_records
-from ticod.data.pipeline import build_eval_loader, build_train_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 
 DAMAGED_SHARD, DAMAGED_SAMPLE = "train-000001.tar", 4  # the middle shard of 3, in the middle of its 8 samples
 

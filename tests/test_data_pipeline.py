@@ -1,4 +1,4 @@
-"""ticod.data.pipeline: round trip against pycocotools, batch format, rank/worker splitting, resume."""
+"""ticod.data train and eval streams (train_stream, eval_stream, shard_reader, samples): round trip against pycocotools, batch format, rank/worker splitting, resume."""
 
 from __future__ import annotations
 
@@ -16,17 +16,12 @@ from pycocotools.coco import COCO
 
 from ticod.data import shards as shards_module
 from ticod.data.coco import CategoryMap, load_records
-from ticod.data.pipeline import (
-    StreamStats,
-    _shards,
-    build_eval_loader,
-    build_train_loader,
-    eval_share,
-    log_buffer_memory,
-    read_range,
-)
+from ticod.data.eval_stream import build_eval_loader, eval_share
+from ticod.data.samples import StreamStats
+from ticod.data.shard_reader import read_range, split_shards
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader, log_buffer_memory
 from ticod.data.transforms import resize_size, swap_left_right
 
 
@@ -197,7 +192,7 @@ def test_train_stream_is_seeded_per_rank_and_resumable(demo_shards_dir: Path) ->
 
 
 def test_aspect_buckets_and_grouping() -> None:
-    from ticod.data.pipeline import aspect_bucket, group_by_aspect
+    from ticod.data.train_stream import aspect_bucket, group_by_aspect
 
     # Landscape 4:3, 3:2, 16:9; portrait likewise; square counts as landscape.
     assert [aspect_bucket(w, h) for w, h in ((640, 480), (640, 427), (640, 360), (100, 100))] == [0, 1, 2, 0]
@@ -210,7 +205,7 @@ def test_aspect_buckets_and_grouping() -> None:
 def test_grouped_stream_one_bucket_one_scale_per_batch_and_resumable(demo_shards_dir: Path) -> None:
     """Grouped batches hold one aspect bucket and one drawn short side (so they are barely padded), and a
     resumed stream yields the uninterrupted stream's batches exactly, on either worker."""
-    from ticod.data.pipeline import aspect_bucket
+    from ticod.data.train_stream import aspect_bucket
 
     cfg = data_cfg(
         demo_shards_dir, "data.num_workers=2", "data.batch_size=3", "data.shuffle_buffer=10",
@@ -319,7 +314,7 @@ def test_eval_shares_score_every_image_once_and_read_each_byte_once(
     records, cats = load_records(ann / "instances_val.json", ann / "captions_val.json")
     out = tmp_path / "val"
     write_shards(records, cats, demo_coco_dir / "val", out, "val", samples_per_shard=3, progress=False)
-    shards, manifest = _shards(str(out), "val")
+    shards, manifest = split_shards(str(out), "val")
     on_disk = sum((out / s["name"]).stat().st_size for s in manifest["shards"])
     opener = CountingOpen()
     monkeypatch.setattr(shards_module, "open", opener, raising=False)
@@ -346,7 +341,7 @@ def test_shuffle_buffer_memory_is_logged(demo_shards_dir: Path, caplog) -> None:
     cfg = data_cfg(demo_shards_dir, "data.num_workers=2", "data.shuffle_buffer=100")
     manifest = json.loads((demo_shards_dir / "train-manifest.json").read_text())
     mean = sum(s["bytes"] for s in manifest["shards"]) / manifest["total_samples"]
-    with caplog.at_level("INFO", logger="ticod.data.pipeline"):
+    with caplog.at_level("INFO", logger="ticod.data.train_stream"):
         held = log_buffer_memory(cfg, manifest)
     assert held == int(200 * mean)
     assert "100 samples x 2 workers = 200 samples held per rank" in caplog.text

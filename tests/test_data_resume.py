@@ -18,8 +18,9 @@ from pathlib import Path
 from helpers import batch_keys as keys
 from helpers import data_cfg
 
-from ticod.data.pipeline import BAD_JSON, aspect_bucket, build_train_loader
+from ticod.data.samples import BAD_JSON
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import aspect_bucket, build_train_loader
 
 
 def spoil_json(shards: Path, split: str) -> str:
@@ -77,7 +78,7 @@ def test_a_shard_truncated_before_the_resume_point_is_named_at_the_resume(
 
     def resume_at(start: int) -> list[str]:
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="ticod.data.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="ticod.data.train_stream"):
             loader = build_train_loader(cfg, tok, rank=0, world_size=1, seed=3, start_batch=start)
             next(iter(loader))
         return [r.getMessage() for r in caplog.records if "before the resume point" in r.getMessage()]

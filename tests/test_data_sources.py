@@ -9,7 +9,6 @@ import torch
 from helpers import train_label_space
 
 from ticod.config import load_config
-from ticod.data.pipeline import build_train_loader
 from ticod.data.plan import StreamPlan
 from ticod.data.sources import (
     LabelSpace,
@@ -18,6 +17,7 @@ from ticod.data.sources import (
     source_category_ids,
 )
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]
 
@@ -138,7 +138,8 @@ def test_one_source_draws_every_shard_equally_often_the_short_last_one_too() -> 
 
 
 def test_logged_task_losses_are_means_over_the_micro_batches_that_had_the_task() -> None:
-    from ticod.train import Window, tasks_present
+    from ticod.train import tasks_present
+    from ticod.train_metrics import Window
 
     window = Window()
     parts = {"caption": 2.0, "loss_cap": 2.0, "rpn_box": 4.0, "loss_det": 4.0, "loss": 4.4}

@@ -47,7 +47,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from ticod.train import Window
+    from ticod.train_metrics import Window
 
     calls = []
     all_reduce = dist.all_reduce

@@ -30,7 +30,8 @@ from tiny_model import (
     word_tokenizer,
 )
 
-from ticod.evaluate import GroundTruth, evaluate
+from ticod.evaluate import evaluate
+from ticod.ground_truth import GroundTruth
 
 TIMEOUT_S = 60  # the process group's: a rank left waiting in a collective fails after this
 

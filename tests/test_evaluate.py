@@ -38,21 +38,19 @@ from tiny_model import (
 )
 
 from ticod.config import Config
-from ticod.data.pipeline import build_eval_loader
+from ticod.data.coco import label_categories
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
 from ticod.evaluate import (
     EvalCountError,
-    GroundTruth,
     _predict,
     coco_detections,
     dedupe,
     evaluate,
-    label_categories,
-    load_ground_truth,
     render_sample,
-    subset,
     to_records,
 )
+from ticod.ground_truth import GroundTruth, load_ground_truth, subset
 from ticod.models import TICOD
 from ticod.visualize import label_color
 

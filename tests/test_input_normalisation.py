@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ticod.config import load_config
-from ticod.data.pipeline import build_train_loader
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 from ticod.factory import build_model
 from ticod.models.backbone import pad_to_multiple
 

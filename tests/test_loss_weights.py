@@ -29,7 +29,8 @@ from tiny_model import BOS, EOS, VOCAB, tiny_config
 
 from ticod.checkpoint import Checkpointer
 from ticod.models import TICOD
-from ticod.train import StepUnits, TrainState, batch_units, forward_backward, step_loss
+from ticod.resume import TrainState
+from ticod.train import StepUnits, batch_units, forward_backward, step_loss
 
 SIZE = 64
 # Every anchor and RoI sampled: an image's losses do not depend on the random sampler or on its batch.

@@ -43,7 +43,8 @@ def rank_batch(rank: int) -> dict:
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
     from ticod import engine as engine_lib
-    from ticod.train import TrainState, forward_backward
+    from ticod.resume import TrainState
+    from ticod.train import forward_backward
 
     torch.set_num_threads(1)
     os.environ.update(

@@ -14,7 +14,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ticod.config import EvalConfig
-from ticod.evaluate import GroundTruth, compute_metrics, write_outputs
+from ticod.evaluate import compute_metrics, write_outputs
+from ticod.ground_truth import GroundTruth
 from ticod.metrics.detection import detection_metrics
 from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, worst
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageChops
 from tiny_model import CATEGORY_IDS, CATEGORY_NAMES, build_eval_model, eval_config, word_tokenizer
 
-from ticod.data.pipeline import build_eval_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.shards import write_shards
 from ticod.evaluate import _predict
 from ticod.predict import find_images, output_names, predict, preprocess, render

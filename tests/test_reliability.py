@@ -59,8 +59,9 @@ from safetensors.torch import load_file
 
 from ticod import checkpoint as ck
 from ticod.config import ConfigError, load_config
-from ticod.data.pipeline import build_eval_loader, build_train_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 from ticod.engine import consolidated_state_dict
 from ticod.preemption import REQUEUE_EXIT_CODE
 

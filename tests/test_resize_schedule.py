@@ -18,7 +18,7 @@ from ticod import checkpoint as ck
 from ticod.budget import resolve_plan
 from ticod.config import load_config
 from ticod.optim import build_optimizer, build_scheduler
-from ticod.train import find_resume
+from ticod.resume import find_resume
 
 FLOOR = 0.01  # optim.min_lr_ratio
 STEPS_BUDGET = ["max_steps=1000", "optim.warmup_samples=1600", "data.batch_size=2"]

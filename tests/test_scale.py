@@ -9,7 +9,7 @@ import shutil
 import pytest
 from helpers import ok, run_train, train_log
 
-from ticod.data.pipeline import read_manifest
+from ticod.data.shards import read_manifest
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import torch
 from helpers import DEMO, train_label_space
 
 from ticod.config import load_config
-from ticod.data.pipeline import build_train_loader
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 from ticod.factory import build_model, build_tokenizer
 
 SIZES = ["data.train_min_sizes=[96,128]", "data.test_min_size=112", "data.max_size=160"]

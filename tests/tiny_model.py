@@ -18,7 +18,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from ticod.config import Config, load_config
-from ticod.evaluate import GroundTruth, to_records
+from ticod.evaluate import to_records
+from ticod.ground_truth import GroundTruth
 from ticod.models import TICOD
 
 NUM_CLASSES = 4

@@ -2,7 +2,7 @@
 
 ``python -m ticod.evaluate --checkpoint PATH [--data SHARDS_DIR] [--split val] [--out DIR] [key=value ...]``
 runs alone or under torchrun / srun (every rank evaluates its share of the split). Training calls
-:func:`run_evaluation` every ``eval.every`` steps with the same code.
+:func:`run_evaluation` every ``eval.every`` steps with the same code (:class:`Evaluator`).
 
 Each rank runs its own share of the eval stream (shares may be uneven, some even empty); the per-image
 predictions are then gathered to rank 0, which checks that every image was counted exactly once,
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import io
 import json
 import logging
 import math
@@ -30,21 +28,25 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from PIL import Image
-from pycocotools.coco import COCO
 
+from ticod import distributed
+from ticod import engine as engine_lib
 from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
 from ticod.data.spec import EvalSplit, eval_splits
+from ticod.ground_truth import GroundTruth, load_ground_truth, subset
 from ticod.metrics.captioning import caption_metrics, load_bertscorer
 from ticod.metrics.detection import detection_metrics
 from ticod.metrics.per_class import PER_CLASS_CSV, describe_worst, write_per_class_csv
 from ticod.metrics.per_class import table as per_class_table
 from ticod.visualize import draw_predictions
+
+if TYPE_CHECKING:
+    from ticod.tracker import Tracker
 
 log = logging.getLogger("ticod")
 
@@ -57,22 +59,6 @@ DUMMY_IMAGE_SIZE = 32
 
 class EvalCountError(RuntimeError):
     """The gathered predictions do not cover the split exactly once."""
-
-
-@dataclass
-class GroundTruth:
-    """What the predictions are scored against.
-
-    Attributes:
-        instances: COCO instances ground truth (boxes, crowd flags, areas, categories); None when only
-            captions are evaluated.
-        captions: Image id -> all reference captions.
-        image_ids: The images of the evaluated split (or subset), each expected exactly once.
-    """
-
-    instances: COCO | None
-    captions: dict[int, list[str]]
-    image_ids: list[int]
 
 
 @dataclass
@@ -159,24 +145,6 @@ def dedupe(
 
 
 # --------------------------------------------------------------------------------- distributed
-def _gather(obj: Any, rank: int, world_size: int) -> list[Any] | None:
-    """``obj`` of every rank on rank 0 (None elsewhere)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _from_rank0(payload: Any, world_size: int) -> Any:
-    """Rank 0's ``payload`` on every rank."""
-    if world_size == 1:
-        return payload
-    box = [payload]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class _Lockstep:
     """This rank's batches, then None until every rank has run out of batches: one all-reduce per step of
     [more batches, failed], so the ranks stop together as soon as any rank failed (:meth:`fail`).
@@ -207,8 +175,7 @@ class _Lockstep:
                 exhausted = batch is None
             flags = torch.tensor([0.0 if exhausted else 1.0, 0.0 if self.error is None else 1.0])
             flags = flags.to(self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            more, failed = flags.tolist()
+            more, failed = distributed.all_reduce_(flags, op="max").tolist()
             if failed or not more:
                 return
             yield batch
@@ -228,7 +195,7 @@ def _synced_generation(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         captioner.synced_gpus = False
 
 
-def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_result: bool) -> Any:
+def _on_rank0(work: Callable[[], Any], rank: int, *, share_result: bool) -> Any:
     """Run ``work()`` on rank 0 only; if it fails every rank raises (none is left waiting in a collective).
 
     Returns the result on rank 0, and on the other ranks too when ``share_result``, else None there.
@@ -240,12 +207,11 @@ def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_resu
             result = work()
         except Exception as e:  # re-raised below, after the other ranks were told
             error = e
-    status = _from_rank0(
+    status = distributed.broadcast_from_rank0(
         {
             "error": f"{type(error).__name__}: {error}" if error else None,
             "result": result if share_result else None,
-        },
-        world_size,
+        }
     )
     if error is not None:
         raise error
@@ -454,7 +420,7 @@ def evaluate(
             device=str(device),
         )
 
-    scorer = _on_rank0(load_scorer, rank, world_size, share_result=False)
+    scorer = _on_rank0(load_scorer, rank, share_result=False)
 
     num_samples = cfg.num_sample_images if rank == 0 else 0
     error = None
@@ -466,7 +432,7 @@ def evaluate(
         log.exception("evaluation failed on rank %d while predicting", rank)
         records, read, bad, samples, error = [], 0, 0, [], f"{type(e).__name__}: {e}"
     t_loop = time.perf_counter() - t0
-    gathered = _gather((records, read, bad, error), rank, world_size)
+    gathered = distributed.gather_to_rank0((records, read, bad, error))
     per_class: list[dict[str, Any]] = []  # rank 0: AP and AP50 of every category
 
     def score() -> dict[str, Any]:
@@ -491,7 +457,7 @@ def evaluate(
             log.info("box AP per class in %s: %s", Path(out_dir) / PER_CLASS_CSV, describe_worst(per_class))
         return metrics
 
-    metrics = _on_rank0(score, rank, world_size, share_result=True)
+    metrics = _on_rank0(score, rank, share_result=True)
     sample_images = [
         render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
     ]
@@ -502,58 +468,7 @@ def evaluate(
     return EvalResult(metrics, sample_images, tables)
 
 
-# ------------------------------------------------------------------------- ground truth + entry
-def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
-@functools.lru_cache(maxsize=8)
-def load_ground_truth(instances_json: str, captions_json: str, shards_dir: str, split: str) -> GroundTruth:
-    """The original COCO JSON files when given, else the ground truth rebuilt from the split's shards.
-
-    Rebuilt from shards, it reads only the ``.json`` members (format-2 manifests seek to them; the JPEGs are
-    never read), and lacks the samples that cannot be read; the eval loader counts those as bad and
-    :func:`dedupe` expects them missing, so the expected images are then all the manifest lists.
-    Cached: training evaluates the same split every ``eval.every`` steps.
-    """
-    instances: dict[str, Any] | None = None
-    refs: dict[int, list[str]] = {}
-    if not (instances_json and captions_json):
-        from ticod.data.shards import ground_truth_from_shards
-
-        instances, refs = ground_truth_from_shards(shards_dir, split)
-    if instances_json:
-        instances = json.loads(Path(instances_json).read_text())
-    if captions_json:
-        refs = {}
-        for ann in json.loads(Path(captions_json).read_text())["annotations"]:
-            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
-    assert instances is not None
-    ids = sorted(int(im["id"]) for im in instances["images"])
-    if not instances_json:
-        from ticod.data.shards import read_manifest
-
-        keys = [int(k) for s in read_manifest(shards_dir, split)["shards"] for k in s.get("keys", [])]
-        ids = sorted(keys) or ids  # manifests without keys (older ones): the readable images
-    return GroundTruth(_coco_from_dict(instances), refs, ids)
-
-
-def label_categories(categories: Sequence[dict[str, Any]]) -> tuple[list[int], list[str]]:
-    """Original COCO id and name of each label 1..K (labels follow the sorted category ids)."""
-    cats = sorted(categories, key=lambda c: int(c["id"]))
-    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
-
-
-def subset(gt: GroundTruth, image_ids: Iterable[int]) -> GroundTruth:
-    """The same ground truth, expecting only ``image_ids`` (``eval.max_images``)."""
-    keep = set(image_ids)
-    return GroundTruth(gt.instances, gt.captions, [i for i in gt.image_ids if i in keep])
-
-
+# ---------------------------------------------------------------------------------- evaluation
 def run_evaluation(
     model: torch.nn.Module,
     cfg: Config,
@@ -604,7 +519,7 @@ def _evaluate_split(
     out_dir: str | Path,
     synced: bool,
 ) -> EvalResult:
-    from ticod.data.pipeline import build_eval_loader
+    from ticod.data.eval_stream import build_eval_loader
 
     ev = cfg.eval
     # Only rank 0 scores: the other ranks never read the ground truth.
@@ -642,6 +557,44 @@ def _evaluate_split(
     )
 
 
+# ------------------------------------------------------------------------------- inside training
+class Evaluator:
+    """Evaluation on the val split inside training (all ranks take part): :func:`run_evaluation` of a
+    DeepSpeed engine's model."""
+
+    def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
+        self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._splits: list[EvalSplit] | None = None  # worked out at the first evaluation, then reused
+
+    def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
+        """Evaluate the engine's model at ``step`` (collective), log its finite metrics, images and tables."""
+        out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
+        if self._splits is None:
+            self._splits = eval_splits(self.cfg.data, self.categories)
+        engine.eval()
+        with torch.no_grad(), engine_lib.autocast_context(engine):
+            result = run_evaluation(
+                engine.module,
+                self.cfg,
+                self.tokenizer,
+                self.categories,
+                rank=self.rank,
+                world_size=self.world_size,
+                device=self.device,
+                out_dir=out_dir,
+                # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
+                synced=engine.zero_optimization_stage() == 3,
+                splits=self._splits,
+            )
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        tracker.log(step, metrics, prefix="eval/")
+        tracker.log_images(step, "eval/predictions", result.sample_images)
+        tracker.log_tables(step, result.tables, prefix="eval/")
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------- entry
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export dir, run dir or checkpoint dir")
@@ -655,7 +608,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ticod.distributed import init_process_group, select_device, world_info_from_env
     from ticod.tracker import Tracker, format_metrics, setup_console_logging
 
     args = parse_args(argv)
@@ -668,9 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.val_split={args.split}")
     if args.data or args.split:
         overrides.append("data.sources=[]")  # one split named here, not the training mix's
-    info = world_info_from_env()
+    info = distributed.world_info_from_env()
     setup_console_logging(info.rank)
-    device = select_device(info)
+    device = distributed.select_device(info)
     try:
         bundle = load_for_inference(args.checkpoint, device, overrides)
     except (ConfigError, FileNotFoundError) as e:
@@ -678,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = bundle.cfg
     if info.world_size > 1:
-        init_process_group(info, device, cfg.deepspeed.dist_timeout_s)
+        distributed.init_process_group(info, device, cfg.deepspeed.dist_timeout_s)
     try:
         out_dir = Path(args.out or Path(args.checkpoint) / "eval" / cfg.data.val_split)
         precision = cfg.deepspeed.precision
@@ -710,8 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results in {out_dir}")
         return 0
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from ticod.config import ConfigError, DataConfig
+from ticod.data.coco import label_categories
 from ticod.data.transforms import decode_rgb, resize, to_uint8_tensor
-from ticod.evaluate import label_categories
 from ticod.visualize import draw_predictions
 
 log = logging.getLogger("ticod")
@@ -68,7 +68,7 @@ def load_image(path: Path) -> Image.Image:
 def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Decoded images -> a batch as the eval pipeline makes it, and each image's (h, w) after resizing.
 
-    The eval sample path (``ticod.data.pipeline.SampleProcessor`` without flip): ``resize`` to the short
+    The eval sample path (``ticod.data.samples.SampleProcessor`` without flip): ``resize`` to the short
     side ``test_min_size`` (long side at most ``max_size``), uint8 pixels, zero-padded bottom/right.
     """
     resized = []

@@ -10,38 +10,43 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import random
-import resource
-import signal
 import sys
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ticod import checkpoint as ckpt_lib
+from ticod import distributed, startup
 from ticod import engine as engine_lib
-from ticod import startup
 from ticod.budget import Plan, resolve_plan
-from ticod.config import Config, ConfigError, FaultConfig, Task, load_config, to_dict, to_yaml
-from ticod.data.pipeline import build_train_loader
-from ticod.data.spec import EvalSplit, eval_splits, resolve_data
-from ticod.data_wait import DataWaitWatch, rank_slots, wait_fraction
-from ticod.distributed import backend_for, select_device, world_info_from_env
+from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
+from ticod.data.spec import resolve_data
+from ticod.data.train_stream import build_train_loader
+from ticod.data_wait import DataWaitWatch
+from ticod.evaluate import Evaluator
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
+from ticod.faults import inject_process_fault, kill_in_write_step, poison_loss, process_fault_due
 from ticod.init_from import init_from
 from ticod.model_card import write_model_card
 from ticod.models.ticod import label_units, labelled_tasks
 from ticod.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from ticod.preflight import PreflightError, run_preflight
+from ticod.resume import TrainState, find_resume, needs_universal, resumed_state
 from ticod.tracker import Tracker, setup_console_logging
+from ticod.train_metrics import (
+    Window,
+    add_counts,
+    metric_float,
+    peak_memory_gb,
+    step_lrs,
+    unreported_grad_norm,
+)
 
 log = logging.getLogger("ticod")
 
@@ -53,29 +58,6 @@ EVAL_ERROR_CHARS = 500  # of each rank's evaluation error, in eval/error
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite losses or bad samples)."""
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs besides the engine to continue exactly where it stopped."""
-
-    step: int = 0  # optimizer steps done
-    batches: int = 0  # micro-batches drawn from this rank's stream (the stream position)
-    samples: int = 0  # samples trained on, all ranks
-    nonfinite: int = 0  # micro-batches skipped for a non-finite loss
-    samples_read: int = 0  # samples read by the loaders, all ranks (incl. bad ones)
-    bad: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks
-    fixed: dict[str, int] = field(default_factory=dict)  # boxes dropped from kept samples, by reason
-    sources: dict[str, int] = field(default_factory=dict)  # samples trained on per source of a mix, all ranks
-    # [name, shards_dir, train split, weight, samples] per source: a resume onto other data is named in the log.
-    data: list[list[Any]] = field(default_factory=list)
-    eval_failed: int = 0  # evaluations that failed (logged, counted and survived)
-    train_time_s: float = 0.0
-    # [world size, loader workers, batch size, grad accumulation]. A resume onto another layout (a requeue
-    # onto other nodes) cannot continue the old data streams, nor keep the old global batch: it starts
-    # fresh streams at step `origin` and counts `batches` from there.
-    layout: list[int] = field(default_factory=list)
-    origin: int = 0
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -107,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     # Before any slow setup, so a SIGUSR1/SIGTERM during start-up is not lost: it is honoured after
     # the first step (checkpoint, exit 75, requeue).
     preemption = PreemptionHandler().install()
-    info = world_info_from_env()
+    info = distributed.world_info_from_env()
     setup_console_logging(info.rank)
-    device = select_device(info)
-    engine_lib.init_distributed(backend_for(device), cfg.deepspeed.dist_timeout_s)
+    device = distributed.select_device(info)
+    engine_lib.init_distributed(distributed.backend_for(device), cfg.deepspeed.dist_timeout_s)
     startup.mark("process group")
     try:
         return train(cfg, rank=info.rank, world_size=info.world_size, device=device, preemption=preemption)
@@ -126,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("error: %s", e)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 @dataclass
@@ -150,13 +131,12 @@ class Run:
 
     def __post_init__(self) -> None:
         self.data_wait = DataWaitWatch(self.cfg.data.num_workers, self.cfg.data.prefetch_factor)
-        faults = self.cfg.faults
         self.checkpointer = ckpt_lib.Checkpointer(
             self.cfg.run_dir,
             self.cfg.checkpoint.keep_last,
             async_save=self.cfg.checkpoint.async_save,
             on_published=self.log_save,
-            kill_in_write_at_step=faults.kill_in_write_at_step if self.rank == faults.kill_rank else 0,
+            kill_in_write_at_step=kill_in_write_step(self.cfg.faults, self.rank),
         )
 
     def save(self, *, wait: bool = False) -> Path:
@@ -181,10 +161,10 @@ class Run:
             log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
             metrics, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"[:EVAL_ERROR_CHARS]
         self.engine.train()
-        if all_ranks_true(not error, self.device):
+        if distributed.all_true(not error, self.device):
             return metrics
         # Why, in the run dir too (eval/error in train_log.jsonl): a rank's stderr may be lost or elsewhere.
-        reason = "; ".join(e for e in all_ranks_gather(error) if e)
+        reason = "; ".join(e for e in distributed.gather_objects(error) if e)
         if self.rank == 0:
             log.error("evaluation at step %d failed: %s", step, reason)
         self.state.eval_failed += 1
@@ -261,9 +241,9 @@ def train(
         if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
             fold_window(run, window)
             run.save()
-        if state.step in (cfg.faults.kill_at_step, cfg.faults.hang_at_step, cfg.faults.raise_at_step):
+        if process_fault_due(cfg.faults, state.step):  # one tuple test per step when no fault is set
             run.checkpointer.wait()  # a drill's fault "after step N" comes after step N's checkpoint is complete
-        inject_process_fault(cfg.faults, state.step, rank)
+            inject_process_fault(cfg.faults, state.step, rank)
         # The stop flag came with this step's finite-loss check (one all-reduce; see step_flags). A signal
         # that arrives after that check is acted on one step later.
         if stop:
@@ -312,25 +292,13 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
         init_from(model, cfg.model.init_from, categories, tokenizer)
     model = model.to(device)
     startup.mark("model build")
-    # Another world size cannot load ZeRO 1-3 shards as they are: DeepSpeed's universal form can. Another
-    # batch, accumulation or loader workers on the same world size load the shards as they are.
-    universal = bool(resume and resume.world_size != world_size and cfg.deepspeed.zero_stage > 0)
+    universal = needs_universal(resume, world_size, cfg.deepspeed.zero_stage)
     engine = engine_lib.build_engine(model, cfg, world_size, plan, load_universal=universal)
     startup.mark("engine")
     seed_everything(cfg.seed + 1000 * rank + origin[0])
 
-    state = TrainState(layout=layout, data=data)
-    if resume is not None:
-        state = load_resume(engine, resume, layout, universal=universal, rank=rank)
-        if state.data and state.data != data:
-            log.warning(
-                "the training data changed since the checkpoint (%s -> %s): the streams go on from the "
-                "same positions over the new shard list, not over the data an uninterrupted run would read",
-                state.data,
-                data,
-            )
-        state.data = data
-    elif cfg.checkpoint.resume == "auto":
+    state = resumed_state(engine, resume, layout, data, universal=universal, rank=rank)
+    if resume is None and cfg.checkpoint.resume == "auto":
         log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", run_dir)
     startup.mark("checkpoint load")
     if rank == 0:
@@ -358,64 +326,8 @@ def setup(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> R
     )
     log.info("%s", plan.describe())
     engine.train()
-    rng_from = resume.ckpt if resume and not resume.relayout else None  # a new layout: ranks without RNG
+    rng_from = resume.rng_from if resume else None
     return Run(cfg, rank, world_size, device, engine, state, tracker, evaluator, loader, rng_from, plan)
-
-
-@dataclass
-class Resume:
-    """The checkpoint a run continues from, its trainer state, and whether the data layout changed."""
-
-    ckpt: Path
-    saved: dict[str, Any]  # trainer_state.json
-    relayout: bool  # another [world size, loader workers, batch size, grad accumulation]: not bit-exact
-    origin: tuple[int, int]  # (step, samples done) where the current layout began (the plan's origin)
-    progress: float = 0.0  # the lr cosine's progress at the origin (Plan.origin_progress)
-    world_size: int = 0  # that the checkpoint was saved at (its ZeRO shards' partitioning)
-
-
-def find_resume(cfg: Config, layout: list[int]) -> Resume | None:
-    """The checkpoint that ``checkpoint.resume`` names (rank 0 decides for all), or None to start fresh."""
-    ckpt = ckpt_lib.resolve_resume_on_rank0(cfg.checkpoint.resume, cfg.run_dir)
-    if ckpt is None:
-        return None
-    saved = ckpt_lib.read_trainer_state(ckpt)
-    plan = Plan(**saved["plan"]) if "plan" in saved else None
-    relayout = saved["train"].get("layout", layout) != layout
-    if relayout:
-        step = saved["train"]["step"]
-        origin = (step, plan.samples_at(step) if plan else saved["train"]["samples"])
-        progress = plan.progress_at(origin[1]) if plan else 0.0
-    else:  # the layout of the saved plan goes on, from wherever it began
-        origin = (plan.origin_step, plan.origin_samples) if plan else (0, 0)
-        progress = plan.origin_progress if plan else 0.0
-    return Resume(ckpt, saved, relayout, origin, progress, saved["train"].get("layout", layout)[0])
-
-
-def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bool, rank: int) -> TrainState:
-    """Load the engine from ``resume``; the trainer state to continue with (fresh streams on a relayout)."""
-    if universal:
-        if rank == 0:
-            engine_lib.to_universal(resume.ckpt)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks read what rank 0 converted
-    source = resume.ckpt / engine_lib.UNIVERSAL_DIR if universal else resume.ckpt
-    ckpt_lib.load_engine_state(engine, source)  # the trainer state was read by find_resume
-    state = TrainState(**resume.saved["train"])
-    log.info("resumed from %s at step %d", resume.ckpt, state.step)
-    if resume.relayout:
-        log.warning(
-            "resumed onto another layout [world size, loader workers, batch size, accumulation] %s -> %s at "
-            "step %d, "
-            "%d samples: the run continues from there with fresh data streams and RNG, so it is not "
-            "bit-exact with an uninterrupted run",
-            state.layout,
-            layout,
-            *resume.origin,
-        )
-        state.origin, state.batches = resume.origin[0], 0
-    state.layout = layout
-    return state
 
 
 @dataclass
@@ -440,6 +352,11 @@ def batch_units(batch: dict) -> torch.Tensor:
         batch.get("has_boxes"),
         batch.get("has_caption"),
     )
+
+
+def tasks_present(batch: dict) -> tuple[bool, bool]:
+    """(any image labelled for boxes, any with a caption) of a batch, as the model decides it."""
+    return labelled_tasks(batch.get("has_boxes"), batch.get("has_caption"))
 
 
 def step_loss(losses: dict[str, torch.Tensor], here: torch.Tensor, units: StepUnits) -> torch.Tensor:
@@ -474,8 +391,7 @@ def forward_backward(
     cfg, engine, state = run.cfg, run.engine, run.state
     here = batch_units(batch)
     if units is None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        units = StepUnits(here, micro_batches=world)
+        units = StepUnits(here, micro_batches=distributed.world_size())
     losses = engine(
         batch["images"],
         targets=batch["targets"] if cfg.loss.task != Task.caption else None,
@@ -485,11 +401,7 @@ def forward_backward(
         has_boxes=batch.get("has_boxes"),
         has_caption=batch.get("has_caption"),
     )
-    loss = losses["loss"]
-    # By micro-batch, not step: a skipped micro-batch leaves the step count unchanged, so a
-    # step-keyed fault would fire again on every retry and one injected NaN would become many.
-    if state.batches in cfg.faults.nan_loss_at_steps:
-        loss = loss * float("nan")
+    loss = poison_loss(cfg.faults, state.batches, losses["loss"])  # faults.nan_loss_at_steps
     finite, stop, written, total = step_flags(
         loss, stop_requested, run.checkpointer.write_flag(), units.local
     )
@@ -535,7 +447,9 @@ def log_step(run: Run, window: Window, *, echo: bool) -> dict[str, Any]:
         metrics.pop(key)
     metrics.update(
         **window.lrs,
-        grad_norm=_float(engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm),
+        grad_norm=metric_float(
+            engine.get_global_grad_norm() if window.grad_norm is None else window.grad_norm
+        ),
         peak_mem_gb=peak_memory_gb(run.device),
         nonfinite_skipped=state.nonfinite,
         bad_samples=sum(state.bad.values()),
@@ -563,22 +477,6 @@ def fold_window(run: Run, window: Window) -> None:
     add_counts(run.state, window, window.reduce(run.device, run.world_size))
 
 
-def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> None:
-    """Add the counts of a reduced ``window`` (:meth:`Window.reduce`) to the run totals, less those an
-    earlier :func:`fold_window` of the same window added."""
-    counts = {"samples": reduced["samples"], "read": reduced["read"]}
-    for kind in ("bad", "fixed", "sources"):
-        counts.update({f"{kind}/{reason}": n for reason, n in reduced[kind].items()})
-    new = {k: n - window.folded.get(k, 0) for k, n in counts.items()}
-    window.folded = counts
-    state.samples += new.pop("samples")
-    state.samples_read += new.pop("read")
-    for key, n in new.items():
-        kind, reason = key.split("/", 1)
-        totals = getattr(state, kind)
-        totals[reason] = totals.get(reason, 0) + n
-
-
 def finish(run: Run) -> None:
     """Final checkpoint, export (rank 0), final evaluation and the run summary."""
     state, run_dir = run.state, Path(run.cfg.run_dir)
@@ -593,107 +491,6 @@ def finish(run: Run) -> None:
     run.tracker.summary({"final_step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
     run.tracker.close()
     log.info("done: %d steps, %d samples, %.1f s training", state.step, state.samples, state.train_time_s)
-
-
-class Window:
-    """Loss and data statistics accumulated between two log lines on one rank.
-
-    The loss sums stay on the device: reading a loss waits for the device to finish the step, so they are
-    read once per log line, in :meth:`reduce`.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.had: dict[str, int] = defaultdict(int)  # micro-batches with labels for each loss's task
-        self.samples = 0
-        self.read = 0
-        self.counts: dict[str, int] = defaultdict(int)  # "bad/<reason>", "fixed/<reason>", "sources/<name>"
-        self.step_time = 0.0
-        self.data_wait = 0.0  # seconds the loop waited for its next batch (ticod.data_wait)
-        self.steps = 0  # optimizer steps in the window
-        self.grad_norm: float | None = None  # of the logged step, where DeepSpeed reports none
-        self.folded: dict[str, int] = {}  # counts already added to the run totals (train.fold_window)
-        self.lrs: dict[str, float] = {}  # of the logged step (:func:`step_lrs`)
-
-    def add_losses(
-        self, losses: dict[str, torch.Tensor], batch_size: int, present: tuple[bool, bool] = (True, True)
-    ) -> None:
-        """Add a micro-batch's losses. ``present``: whether it had images labelled for boxes / captions; a
-        task's losses are averaged over the micro-batches that had it (the others' are a zero stand-in)."""
-        for k, v in losses.items():
-            v = v.detach().to(torch.float64)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.had[k] += loss_task_present(k, present)
-        self.samples += batch_size
-
-    def add_stats(self, stats: dict) -> None:
-        self.read += int(stats.get("read", 0))
-        for kind in ("bad", "fixed", "sources"):
-            for reason, n in stats.get(kind, {}).items():
-                self.counts[f"{kind}/{reason}"] += int(n)
-
-    def reduce(self, device: torch.device, world_size: int) -> dict[str, Any]:
-        """Mean losses over ranks; summed counts; images/s, the mean optimizer step time and the data wait
-        share (the slowest rank's) over the window.
-
-        One all-reduce and one device-to-host read for the whole window.
-        """
-        keys = sorted(self.sums)
-        reasons = sorted(all_reasons(self.counts, device))
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        waits = rank_slots(wait_fraction(self.data_wait, self.step_time), rank, world_size)
-        counts = torch.tensor(
-            [self.samples, self.read]
-            + [self.counts[r] for r in reasons]
-            + [self.had[k] for k in keys]
-            + waits,
-            dtype=torch.float64,
-        )
-        losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
-        vec = torch.cat([*losses, counts.to(device)])
-        if dist.is_initialized():
-            dist.all_reduce(vec)
-        values = vec.tolist()
-        n = len(keys)
-        samples, read = int(values[n]), int(values[n + 1])
-        had = values[n + 2 + len(reasons) : n + 2 + len(reasons) + n]
-        # A task's mean over the micro-batches that had its labels (all of them, without partial labels);
-        # none in the window on any rank: not logged.
-        out: dict[str, Any] = {k: values[i] / had[i] for i, k in enumerate(keys) if had[i]}
-        out["images_per_s"] = samples / max(self.step_time, 1e-9)
-        out["step_time_s"] = self.step_time / max(self.steps, 1)
-        out["data_wait_frac"] = max(values[len(values) - world_size :])
-        out["samples"], out["read"] = samples, read
-        out["bad"], out["fixed"], out["sources"] = {}, {}, {}
-        for i, key in enumerate(reasons):
-            kind, reason = key.split("/", 1)
-            out[kind][reason] = int(values[n + 2 + i])
-        return out
-
-
-CAPTION_LOSSES = ("caption", "loss_cap")
-
-
-def loss_task_present(key: str, present: tuple[bool, bool]) -> bool:
-    """Whether a micro-batch with labels ``present`` (boxes, captions) had the task of loss ``key``."""
-    if key == "loss":
-        return True
-    return present[1] if key in CAPTION_LOSSES else present[0]
-
-
-def tasks_present(batch: dict) -> tuple[bool, bool]:
-    """(any image labelled for boxes, any with a caption) of a batch, as the model decides it."""
-    return labelled_tasks(batch.get("has_boxes"), batch.get("has_caption"))
-
-
-def all_reasons(counts: dict[str, int], device: torch.device) -> set[str]:
-    """Union of the count keys seen by any rank (so every rank reduces the same vector)."""
-    reasons = set(counts)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(reasons))
-        reasons = {r for rs in gathered for r in rs}
-    return reasons
 
 
 def check_bad_fraction(state: TrainState, ceiling: float) -> None:
@@ -723,27 +520,9 @@ def step_flags(
         [torch.stack([nonfinite, *(torch.full_like(nonfinite, f) for f in raised)]),
          counts.to(loss.device, non_blocking=True)]
     )  # fmt: skip
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags)
+    distributed.all_reduce_(flags)
     nonfinite, stop, in_flight, failed, *total = flags.tolist()
     return nonfinite == 0, stop > 0, 2 if failed else 1 if in_flight else 0, total
-
-
-def all_ranks_gather(obj: Any) -> list[Any]:
-    """``obj`` of every rank, on every rank (a collective: every rank must call it)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -754,57 +533,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def inject_process_fault(faults: FaultConfig, step: int, rank: int) -> None:
-    hang_rank = faults.kill_rank if faults.hang_rank is None else faults.hang_rank
-    if rank == faults.kill_rank and faults.kill_at_step == step:
-        log.warning("fault injection: SIGKILL rank %d after step %d", rank, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if rank == hang_rank and faults.hang_at_step == step:
-        log.warning("fault injection: rank %d stops responding after step %d", rank, step)
-        while True:
-            time.sleep(3600)
-    if rank == faults.kill_rank and faults.raise_at_step == step:
-        log.warning("fault injection: rank %d raises after step %d", rank, step)
-        raise RuntimeError(f"fault injection: rank {rank} raises after step {step}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
-
-
-def unreported_grad_norm(engine: Any) -> float | None:
-    """The gradient norm where DeepSpeed computes none it reports (ZeRO stage 0 in fp32), else None.
-
-    Call between ``backward`` and ``step``. At stage 0 the gradients are all-reduced by then, so every rank's
-    norm is the global one.
-    """
-    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def step_lrs(optimizer: Any) -> dict[str, float]:
-    """The lrs the optimizer's next step applies: ``lr`` of the heads, ``lr_backbone`` of the backbone
-    (by the group names of :func:`ticod.optim.param_groups`; a part without trainable parameters is absent)."""
-    out: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        key = "lr_backbone" if group["name"].startswith("backbone") else "lr"
-        out.setdefault(key, float(group["lr"]))
-    return out
-
-
-def _float(x: Any) -> float:
-    if x is None:
-        return float("nan")
-    return float(x.item() if torch.is_tensor(x) else x)
 
 
 def make_progress(cfg: Config, rank: int, start: int, total: int):
@@ -814,42 +545,6 @@ def make_progress(cfg: Config, rank: int, start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-
-
-class Evaluator:
-    """Evaluation on the val split inside training (all ranks take part)."""
-
-    def __init__(self, cfg: Config, tokenizer, categories: list[dict], *, rank: int, world_size: int, device):
-        self.cfg, self.tokenizer, self.categories = cfg, tokenizer, categories
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self._splits: list[EvalSplit] | None = None  # worked out at the first evaluation, then reused
-
-    def run(self, engine, step: int, tracker: Tracker) -> dict[str, Any]:
-        from ticod.evaluate import run_evaluation
-
-        out_dir = Path(self.cfg.run_dir) / "eval" / f"step_{step:08d}"
-        if self._splits is None:
-            self._splits = eval_splits(self.cfg.data, self.categories)
-        engine.eval()
-        with torch.no_grad(), engine_lib.autocast_context(engine):
-            result = run_evaluation(
-                engine.module,
-                self.cfg,
-                self.tokenizer,
-                self.categories,
-                rank=self.rank,
-                world_size=self.world_size,
-                device=self.device,
-                out_dir=out_dir,
-                # ZeRO-3 all-gathers weights at every module forward: ranks must run the model in lockstep.
-                synced=engine.zero_optimization_stage() == 3,
-                splits=self._splits,
-            )
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
-        tracker.log(step, metrics, prefix="eval/")
-        tracker.log_images(step, "eval/predictions", result.sample_images)
-        tracker.log_tables(step, result.tables, prefix="eval/")
-        return metrics
 
 
 if __name__ == "__main__":

@@ -357,3 +357,9 @@ class CategoryMap:
         """Category name of a label 1..K."""
         self.to_category_id(label)  # validates the range
         return self.names[label - 1]
+
+
+def label_categories(categories: Sequence[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    """Original COCO id and name of each label 1..K (labels follow the sorted category ids)."""
+    cats = sorted(categories, key=lambda c: int(c["id"]))
+    return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]

@@ -10,7 +10,7 @@ with its draws made seekable: the shard draws and the picks come from numpy gene
 without making those before it, and the position of every sample up to step ``e`` (which emission
 handed out which source sample, what the buffer holds) follows from the picks by array arithmetic.
 
-That is what lets a resumed stream seek (ticod.data.pipeline): it reads only the samples the buffer
+That is what lets a resumed stream seek (ticod.data.train_stream): it reads only the samples the buffer
 and the batch grouping hold at its position, instead of re-reading everything drawn before it.
 """
 
@@ -155,7 +155,7 @@ def position_after(
         groups: Groups handed out.
         group_size: Samples per group.
         bucket: None: groups are consecutive emissions. Else groups form per bucket (a group is handed
-            out when its bucket has ``group_size`` samples, as ``pipeline.group_by_aspect`` does), and
+            out when its bucket has ``group_size`` samples, as ``train_stream.group_by_aspect`` does), and
             ``bucket(shard, sample)`` gives the bucket of each (shard index, sample index) pair.
     """
     b = plan.buffer

@@ -53,7 +53,7 @@ def grounding_of_run(
 ) -> dict[str, float]:
     """:func:`grounding_gap` of a trained model (export, run or checkpoint dir) on ``batches`` batches of
     ``split`` drawn by the training pipeline (seed 0: the same images for every model of one data config)."""
-    from ticod.data.pipeline import build_train_loader
+    from ticod.data.train_stream import build_train_loader
     from ticod.export import load_for_inference
 
     bundle = load_for_inference(path, overrides=[f"data.shards_dir={shards_dir}", "data.num_workers=0"])

@@ -419,7 +419,7 @@ def model_vocab(cfg: Config, tokenizer: Any) -> int:
 
 def fixed_batches(cfg: Config, tokenizer: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """The first ``n`` training batches of the shards (same for every side of a benchmark)."""
-    from ticod.data.pipeline import build_train_loader
+    from ticod.data.train_stream import build_train_loader
 
     loader = build_train_loader(cfg.data, tokenizer, rank=0, world_size=1, seed=seed)
     it = iter(loader)

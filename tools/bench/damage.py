@@ -31,9 +31,10 @@ from common import ROOT, machine_info, workdir
 
 from ticod.config import load_config
 from ticod.data.coco import load_records
-from ticod.data.pipeline import build_eval_loader, build_train_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.shards import read_manifest, write_shards
 from ticod.data.tokenizer import load_tokenizer, train_caption_tokenizer
+from ticod.data.train_stream import build_train_loader
 
 BATCH = 8
 

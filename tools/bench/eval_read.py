@@ -6,7 +6,7 @@ The 80 real COCO images of ``--coco`` are written as a val split of 4 shards of 
 ranks × workers, the case where every stream used to read every shard). For each rank in turn (ranks
 simulated one after the other in this process) the evaluation's reads are made as ``ticod.evaluate``
 makes them: on rank 0 the ground truth rebuilt from the shards (``load_ground_truth`` without COCO JSON
-files, the costlier of its two sources), on every rank every batch of :func:`ticod.data.pipeline.build_eval_loader` with
+files, the costlier of its two sources), on every rank every batch of :func:`ticod.data.eval_stream.build_eval_loader` with
 ``--workers`` real DataLoader worker processes. Every byte read through the shard reader's ``open`` is
 counted, in the workers too (a counter in shared memory), and divided by the split's size on disk.
 
@@ -42,9 +42,9 @@ from padding import shard_sample
 from resume import without_offsets
 
 import ticod.data.shards as shards_module
-from ticod.data.pipeline import build_eval_loader
+from ticod.data.eval_stream import build_eval_loader
 from ticod.data.tokenizer import load_tokenizer
-from ticod.evaluate import load_ground_truth
+from ticod.ground_truth import load_ground_truth
 
 TARGET = 1.10  # bytes read per evaluation / val split on disk
 

@@ -4,7 +4,7 @@
 
 Sides, alternating round by round, all on the same demo images (COCO-like sizes by default):
 
-* ``shard loader``: :func:`ticod.data.pipeline.build_train_loader` (what training uses);
+* ``shard loader``: :func:`ticod.data.train_stream.build_train_loader` (what training uses);
 * ``per-file loader``: the usual torchvision/mmdet way: a map-style ``Dataset`` over a pycocotools ``COCO``
   index of the instances and captions JSON, opening one JPEG file per sample, in a ``DataLoader`` with
   the same batch size, worker count and prefetching, shuffled;
@@ -46,17 +46,12 @@ from common import (
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from ticod.data import pipeline
-from ticod.data.pipeline import (
-    MISSING_JPEG,
-    BadSample,
-    SampleProcessor,
-    StreamStats,
-    build_train_loader,
-    collate,
-)
-from ticod.data.shards import iter_shard
+from ticod.data.loader import data_loader
+from ticod.data.samples import MISSING_JPEG, BadSample, SampleProcessor, StreamStats, collate
+from ticod.data.shard_reader import split_shards
+from ticod.data.shards import iter_shard, read_manifest
 from ticod.data.tokenizer import encode_captions, load_tokenizer
+from ticod.data.train_stream import _TrainStream, build_train_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -184,8 +179,8 @@ def per_file_loader(
 
 def raw_shard_loader(cfg: Any, tokenizer: Any, seed: int) -> DataLoader:
     """The training stream of build_train_loader with :class:`RawProcessor` in place of the decoding one."""
-    shards, manifest = pipeline._shards(cfg.shards_dir, cfg.train_split)
-    stream = pipeline._TrainStream(
+    shards, manifest = split_shards(cfg.shards_dir, cfg.train_split)
+    stream = _TrainStream(
         shards,
         RawProcessor(cfg, manifest["categories"], train=True),
         Collate(tokenizer, cfg.max_caption_tokens, decode=False),
@@ -197,7 +192,7 @@ def raw_shard_loader(cfg: Any, tokenizer: Any, seed: int) -> DataLoader:
         origin=0,
         group_by_aspect=cfg.group_by_aspect,
     )
-    return pipeline._data_loader(stream, cfg.num_workers)
+    return data_loader(stream, cfg.num_workers)
 
 
 def endless(make: Callable[[], DataLoader]) -> Iterator[dict[str, Any]]:
@@ -265,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         cfg = bench_config(args, shards_dir, f"data.num_workers={args.workers}").data
         tok = load_tokenizer(shards_dir / "tokenizer")
-        manifest = pipeline.read_manifest(shards_dir, cfg.train_split)
+        manifest = read_manifest(shards_dir, cfg.train_split)
         shard_files = [shards_dir / s["name"] for s in manifest["shards"]]
         ann = coco / "annotations"
         instances, captions = (

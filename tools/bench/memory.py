@@ -211,7 +211,7 @@ def held_memory(engine: Any) -> dict[str, dict[str, int]]:
 def zero_worker(args: argparse.Namespace) -> int:
     """One rank of one stage (under the deepspeed launcher): train, measure, save a checkpoint."""
     from ticod import engine as engine_lib
-    from ticod.data.pipeline import build_train_loader
+    from ticod.data.train_stream import build_train_loader
     from ticod.distributed import backend_for, select_device, world_info_from_env
 
     stage = args.zero_worker

@@ -4,7 +4,7 @@
 
 Real COCO sizes: the train2017 images of ``--coco`` (``images/`` + ``instances_train2017.json`` +
 ``captions_train2017.json``; ``../shared/coco_sample`` has 80) are sharded into a temporary directory and
-read by :func:`ticod.data.pipeline.build_train_loader` itself, with the data settings of ``--config``
+read by :func:`ticod.data.train_stream.build_train_loader` itself, with the data settings of ``--config``
 (default ``configs/ticod_large.yaml``: short side drawn from 480-800, long side at most 1333), at batch
 2, 4 and 8, grouped and not. Measured per setting and seed (one round per ``--repeats``):
 
@@ -42,9 +42,9 @@ from common import (
 
 from ticod.config import BackboneConfig
 from ticod.data.coco import load_records
-from ticod.data.pipeline import build_train_loader
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer, train_caption_tokenizer
+from ticod.data.train_stream import build_train_loader
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
 
 TARGET = 1.10  # grouped padded / real pixels (issue 14)

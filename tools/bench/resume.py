@@ -53,8 +53,8 @@ def child(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from common import bench_config
 
-    from ticod.data.pipeline import build_train_loader
     from ticod.data.tokenizer import load_tokenizer
+    from ticod.data.train_stream import build_train_loader
 
     shards, start_batch = Path(args.child[0]), int(args.child[1])
     cfg = bench_config(args, shards, f"data.num_workers={args.workers}")

@@ -8,7 +8,8 @@ happen: the ``torch.Tensor`` methods are wrapped in counters, and :func:`ticod.t
 model in this process (``configs/demo.yaml`` on generated demo shards, evaluation and checkpoints off).
 Each read is charged to the micro-batch in flight (from one ``forward_backward`` call to the next, so a
 log step's reduction counts for its step) and to the code that made it: the first frame outside torch
-itself (``loop``: ticod/train.py and ticod/preemption.py; ``model``: ticod/models, torchvision;
+itself (``loop``: ticod/train.py, its log window ticod/train_metrics.py, ticod/preemption.py and the
+collectives of ticod/distributed.py; ``model``: ticod/models, torchvision;
 ``deepspeed``). Reads inside torch's C++ (e.g. ``nonzero``) are not Python calls and not counted.
 
 Not timed: the counts are exact and repeatable; ``--repeats`` is ignored.
@@ -33,6 +34,7 @@ import ticod.train as train_mod
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 TORCH_DIR = str(Path(torch.__file__).parent)
 TARGET = 2  # loop syncs per optimizer step outside log steps (issue 14)
+LOOP_FILES = ("ticod/train.py", "ticod/train_metrics.py", "ticod/preemption.py", "ticod/distributed.py")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +53,7 @@ def origin(frame: Any) -> tuple[str, str]:
         frame = frame.f_back
     path = frame.f_code.co_filename if frame is not None else "?"
     site = "/".join(Path(path).parts[-2:]) + (f":{frame.f_lineno}" if frame is not None else "")
-    if path.endswith(("ticod/train.py", "ticod/preemption.py")):
+    if path.endswith(LOOP_FILES):
         return "loop", site
     if "/ticod/models/" in path or "/torchvision/" in path:
         return "model", site

@@ -3,7 +3,7 @@ in the workers (what the loader sent before).
 
 ``python tools/bench/transport.py [--coco ../shared/coco_sample] [--workers 2] [--batches 12] [--repeats 3]``
 
-Both sides run the training stream of :func:`ticod.data.pipeline.build_train_loader` over the
+Both sides run the training stream of :func:`ticod.data.train_stream.build_train_loader` over the
 ``--coco`` sample sharded into a temporary directory (real JPEGs, data settings of ``--config``, default
 ``configs/ticod_large.yaml``: short side 480-800, long side at most 1333), with ``--workers`` DataLoader
 workers. ``float32`` swaps in a collate that normalises in the worker, as ``to_normalized_tensor`` did;
@@ -45,8 +45,10 @@ from common import (
 )
 from padding import shard_sample
 
-from ticod.data import pipeline
+from ticod.data.loader import data_loader
+from ticod.data.samples import Batcher
 from ticod.data.tokenizer import load_tokenizer
+from ticod.data.train_stream import build_train_loader
 from ticod.models.ticod import normalize_pixels
 
 
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class FloatBatcher(pipeline._Batcher):
+class FloatBatcher(Batcher):
     """The loader's collate, then normalised in the worker: the float32 batches it sent before."""
 
     def __init__(self, tokenizer: Any, max_tokens: int, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -76,10 +78,10 @@ class FloatBatcher(pipeline._Batcher):
 
 def float_loader(cfg: Any, tokenizer: Any, mean: torch.Tensor, std: torch.Tensor, seed: int) -> Any:
     """``build_train_loader`` with :class:`FloatBatcher` as its collate."""
-    loader = pipeline.build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=seed)
+    loader = build_train_loader(cfg, tokenizer, rank=0, world_size=1, seed=seed)
     stream = loader.dataset
     stream.batch = FloatBatcher(tokenizer, cfg.max_caption_tokens, mean, std)
-    return pipeline._data_loader(stream, cfg.num_workers)
+    return data_loader(stream, cfg.num_workers)
 
 
 def batch_bytes(batch: dict[str, Any]) -> tuple[int, int]:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         dev_mean, dev_std = mean.to(device), std.to(device)
 
         def uint8() -> Any:
-            return pipeline.build_train_loader(cfg, tok, rank=0, world_size=1, seed=args.seed)
+            return build_train_loader(cfg, tok, rank=0, world_size=1, seed=args.seed)
 
         def float32() -> Any:
             return float_loader(cfg, tok, mean, std, args.seed)

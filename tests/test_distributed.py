@@ -1,4 +1,5 @@
-"""Launcher detection (fake environments), device choice, and the preemption flag and its agreement."""
+"""Launcher detection (fake environments), device choice, the preemption flag and its agreement, and the
+collectives layer (ticod.distributed)."""
 
 from __future__ import annotations
 
@@ -341,3 +342,56 @@ def test_should_stop_agrees_across_ranks() -> None:
         assert p.exitcode == 0
     # Both ranks stop at the same check although only rank 1 was signalled.
     assert results == [(0, False, True, False), (1, False, True, True)]
+
+
+# --------------------------------------------------------------------------------- collectives
+def test_collectives_alone_return_this_ranks_own_answer() -> None:
+    # Without a group of two or more ranks (none, or the session's one-rank group) nothing is sent.
+    t = torch.tensor([2.0, 3.0])
+    assert (D.rank(), D.world_size(), D.is_rank0()) == (0, 1, True)
+    assert D.all_reduce_(t, "max") is t and t.tolist() == [2.0, 3.0]
+    assert D.all_true(False, "cpu") is False and D.any_true(True, "cpu") is True
+    assert D.gather_objects("a") == ["a"] and D.gather_to_rank0({"b": 1}) == [{"b": 1}]
+    assert D.broadcast_from_rank0("c") == "c"
+    D.barrier()
+
+
+def _collectives_worker(rank: int, port: int, queue) -> None:
+    info = D.DistInfo(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port)
+    D.init_process_group(info, torch.device("cpu"), timeout_s=60)
+    try:
+        reduced = {op: D.all_reduce_(torch.tensor([rank + 1.0]), op).item() for op in ("sum", "max", "min")}
+        got = {
+            "who": (D.rank(), D.world_size(), D.is_rank0(), D.is_distributed()),
+            "reduced": reduced,
+            "flags": (D.all_true(rank == 0, "cpu"), D.any_true(rank == 1, "cpu"), D.all_true(True, "cpu")),
+            "all": D.gather_objects(f"r{rank}"),
+            "rank0": D.gather_to_rank0(rank * 10),
+            "broadcast": D.broadcast_from_rank0("zero" if rank == 0 else "other"),
+        }
+        D.barrier()
+    finally:
+        D.destroy()
+    queue.put((rank, got, D.is_distributed()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on Linux")
+def test_collectives_of_two_ranks() -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = D.free_port()
+    procs = [ctx.Process(target=_collectives_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, got, up_after_destroy in results:
+        assert got["who"] == (rank, 2, rank == 0, True) and not up_after_destroy
+        assert got["reduced"] == {"sum": 3.0, "max": 2.0, "min": 1.0}
+        assert got["flags"] == (False, True, True)
+        assert got["all"] == ["r0", "r1"]
+        assert got["rank0"] == ([0, 10] if rank == 0 else None)
+        assert got["broadcast"] == "zero"

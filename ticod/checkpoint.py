@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from ticod import distributed
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step_"
@@ -44,11 +45,6 @@ TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 
 log = logging.getLogger(__name__)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def checkpoint_name(step: int) -> str:
@@ -92,20 +88,18 @@ def resolve_resume_on_rank0(resume: str, run_dir: str | Path) -> Path | None:
         FileNotFoundError: on every rank, when rank 0 found no checkpoint at ``resume`` or a rank cannot
             see the one rank 0 chose.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if distributed.world_size() == 1:
         return resolve_resume(resume, run_dir)
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
+    chosen: tuple[str, Any] | None = None
+    if distributed.is_rank0():
         try:
-            box = [("ok", resolve_resume(resume, run_dir))]
+            chosen = ("ok", resolve_resume(resume, run_dir))
         except FileNotFoundError as e:
-            box = [("error", str(e))]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
+            chosen = ("error", str(e))
+    kind, value = distributed.broadcast_from_rank0(chosen)
     if kind == "error":
         raise FileNotFoundError(value)
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, value is None or (value / STATE_FILE).is_file())
+    seen = distributed.gather_objects(value is None or (value / STATE_FILE).is_file())
     blind = [r for r, ok in enumerate(seen) if not ok]
     if blind:
         raise FileNotFoundError(
@@ -279,19 +273,19 @@ class Checkpointer:
         """Save on every rank (collective); returns the dir the checkpoint is published as."""
         started = time.perf_counter()
         self.wait()
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = distributed.rank()
         root = self.run_dir / CKPT_DIR
         name = checkpoint_name(step)
         tmp, final = root / f"{TMP_PREFIX}{name}", root / name
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-write
             root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        distributed.barrier()
         state_json = json.dumps(trainer_state, indent=2)
         if not self.async_save:
             engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
             torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-            _barrier()  # every rank has finished writing its shards
+            distributed.barrier()  # every rank has finished writing its shards
             self._pending = _Pending(step, tmp, final, state_json, started, time.perf_counter() - started)
             self._publish()
             return final
@@ -362,25 +356,21 @@ class Checkpointer:
             if self._thread.is_alive():
                 log.info("waiting for the background write of checkpoint %d", self._pending.step)
             self._thread.join()
-        failed = self.write_flag() == 2
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flags: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(flags, failed)
-            failed = any(flags)
+        failed = any(distributed.gather_objects(self.write_flag() == 2))  # on some rank
         self.agreed(2 if failed else 0)
-        _barrier()
+        distributed.barrier()
 
     def _publish(self) -> None:
         p, self._pending = self._pending, None
         assert p is not None
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if distributed.is_rank0():
             (p.tmp / STATE_FILE).write_text(p.state_json)
             if p.final.exists():  # re-saving a step (e.g. a stop right after a periodic save)
                 shutil.rmtree(p.final)
             p.tmp.rename(p.final)
             prune(self.run_dir, self.keep_last)
         if not self.async_save:
-            _barrier()
+            distributed.barrier()
         if self.on_published is not None:
             self.on_published(SaveTimes(p.step, p.blocking_s, time.perf_counter() - p.started))
 
@@ -439,8 +429,7 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
 
 def restore_rng(ckpt: Path) -> None:
     """Set this rank's python/torch/CUDA RNG to what they were when ``ckpt`` was saved."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = ckpt / f"rng_rank{rank}.pt"
+    rng_file = ckpt / f"rng_rank{distributed.rank()}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} missing: checkpoint {ckpt} was saved by a different world size?")
     set_rng_state(torch.load(rng_file, weights_only=True))

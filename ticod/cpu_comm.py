@@ -51,9 +51,9 @@ def release_own_buffer(rank: int, world_size: int) -> bool:
     Call on every rank right after the process group started (a collective when ``world_size > 1``).
     """
     if world_size > 1:
-        import torch.distributed as dist
+        from ticod import distributed  # late: the rest of this module needs no torch
 
-        dist.barrier()
+        distributed.barrier()
     path = own_buffer(rank)
     try:
         path.unlink()

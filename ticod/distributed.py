@@ -15,6 +15,13 @@ This is the one module that knows the launchers. ``python -m ticod.train`` runs 
 In the last two cases :func:`world_info_from_env` writes the torch variables back into the environment
 it read, so ``deepspeed.init_distributed`` and ``torch.distributed`` ``env://`` initialisation work
 unchanged (without them DeepSpeed falls back to MPI discovery).
+
+It is also the one layer over ``torch.distributed`` once the process group is up: :func:`rank`,
+:func:`world_size`, the rank-0 guard :func:`is_rank0`, :func:`barrier`, the tensor all-reduce
+:func:`all_reduce_` and the flag all-reduces :func:`all_true` / :func:`any_true`, the object collectives
+:func:`gather_objects` (to every rank), :func:`gather_to_rank0` and :func:`broadcast_from_rank0`, and
+:func:`destroy`. Each collective must be called by every rank; without a process group of two or more
+ranks it is a no-op that returns this rank's own answer, so single-process code calls them alike.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import socket
 import subprocess
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 Launcher = Literal["slurm", "torchrun", "deepspeed", "none"]
 
@@ -263,8 +271,6 @@ def backend_for(device: torch.device) -> Literal["nccl", "gloo"]:
 
 def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 1800) -> None:
     """Start torch.distributed for ``info`` (for tools that do not go through DeepSpeed)."""
-    import torch.distributed as dist
-
     dist.init_process_group(
         backend=backend_for(device),
         init_method=f"tcp://{info.master_addr}:{info.master_port}",
@@ -272,6 +278,93 @@ def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 
         world_size=info.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+# ---------------------------------------------------------------------------------- collectives
+Op = Literal["sum", "max", "min"]
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the process group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The process group's size; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_rank0() -> bool:
+    """The rank-0 guard: True on rank 0 of the process group, and in a process without one."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every rank got here (collective)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: Op = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` in place over the ranks by ``op`` (collective; the tensor stays on its device, which
+    the backend must serve: CUDA for NCCL, CPU for gloo). Returns ``tensor``."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
+    return tensor
+
+
+def _flag(flag: bool, device: torch.device | str, op: Op) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    all_reduce_(t, op)
+    return bool(t.item() > 0)
+
+
+def all_true(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is true on every rank (collective: a one-element MIN all-reduce on ``device``)."""
+    return _flag(flag, device, "min") if world_size() > 1 else flag
+
+
+def any_true(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is true on some rank (collective: a one-element MAX all-reduce on ``device``)."""
+    return _flag(flag, device, "max") if world_size() > 1 else flag
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (collective; picklable objects)."""
+    if world_size() < 2:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """``obj`` of every rank, in rank order, on rank 0; None on the other ranks (collective)."""
+    if world_size() < 2:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (collective; what the other ranks pass is ignored)."""
+    if world_size() < 2:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def destroy() -> None:
+    """End the process group, if one is up (at exit, on every rank)."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def _check(info: DistInfo) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ticod import cpu_comm
+from ticod import cpu_comm, distributed
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, Precision
 from ticod.optim import build_optimizer, build_scheduler
@@ -49,7 +49,7 @@ def init_distributed(backend: str, timeout_s: int) -> None:
         dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
     )
     if backend == "gloo":
-        cpu_comm.release_own_buffer(deepspeed.comm.get_rank(), deepspeed.comm.get_world_size())
+        cpu_comm.release_own_buffer(distributed.rank(), distributed.world_size())
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

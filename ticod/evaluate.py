@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 
+from ticod import distributed
 from ticod import engine as engine_lib
 from ticod.caption_page import write_caption_page
 from ticod.config import Config, ConfigError, EvalConfig, Precision, to_dict
@@ -146,24 +146,6 @@ def dedupe(
 
 
 # --------------------------------------------------------------------------------- distributed
-def _gather(obj: Any, rank: int, world_size: int) -> list[Any] | None:
-    """``obj`` of every rank on rank 0 (None elsewhere)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def _from_rank0(payload: Any, world_size: int) -> Any:
-    """Rank 0's ``payload`` on every rank."""
-    if world_size == 1:
-        return payload
-    box = [payload]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class _Lockstep:
     """This rank's batches, then None until every rank has run out of batches: one all-reduce per step of
     [more batches, failed], so the ranks stop together as soon as any rank failed (:meth:`fail`).
@@ -194,8 +176,7 @@ class _Lockstep:
                 exhausted = batch is None
             flags = torch.tensor([0.0 if exhausted else 1.0, 0.0 if self.error is None else 1.0])
             flags = flags.to(self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            more, failed = flags.tolist()
+            more, failed = distributed.all_reduce_(flags, op="max").tolist()
             if failed or not more:
                 return
             yield batch
@@ -215,7 +196,7 @@ def _synced_generation(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         captioner.synced_gpus = False
 
 
-def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_result: bool) -> Any:
+def _on_rank0(work: Callable[[], Any], rank: int, *, share_result: bool) -> Any:
     """Run ``work()`` on rank 0 only; if it fails every rank raises (none is left waiting in a collective).
 
     Returns the result on rank 0, and on the other ranks too when ``share_result``, else None there.
@@ -227,12 +208,11 @@ def _on_rank0(work: Callable[[], Any], rank: int, world_size: int, *, share_resu
             result = work()
         except Exception as e:  # re-raised below, after the other ranks were told
             error = e
-    status = _from_rank0(
+    status = distributed.broadcast_from_rank0(
         {
             "error": f"{type(error).__name__}: {error}" if error else None,
             "result": result if share_result else None,
-        },
-        world_size,
+        }
     )
     if error is not None:
         raise error
@@ -441,7 +421,7 @@ def evaluate(
             device=str(device),
         )
 
-    scorer = _on_rank0(load_scorer, rank, world_size, share_result=False)
+    scorer = _on_rank0(load_scorer, rank, share_result=False)
 
     num_samples = cfg.num_sample_images if rank == 0 else 0
     error = None
@@ -453,7 +433,7 @@ def evaluate(
         log.exception("evaluation failed on rank %d while predicting", rank)
         records, read, bad, samples, error = [], 0, 0, [], f"{type(e).__name__}: {e}"
     t_loop = time.perf_counter() - t0
-    gathered = _gather((records, read, bad, error), rank, world_size)
+    gathered = distributed.gather_to_rank0((records, read, bad, error))
     per_class: list[dict[str, Any]] = []  # rank 0: AP and AP50 of every category
 
     def score() -> dict[str, Any]:
@@ -478,7 +458,7 @@ def evaluate(
             log.info("box AP per class in %s: %s", Path(out_dir) / PER_CLASS_CSV, describe_worst(per_class))
         return metrics
 
-    metrics = _on_rank0(score, rank, world_size, share_result=True)
+    metrics = _on_rank0(score, rank, share_result=True)
     sample_images = [
         render_sample(im, m, rec, category_names, image_mean, image_std) for im, m, rec in samples
     ]
@@ -629,7 +609,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ticod.distributed import init_process_group, select_device, world_info_from_env
     from ticod.tracker import Tracker, format_metrics, setup_console_logging
 
     args = parse_args(argv)
@@ -642,9 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.val_split={args.split}")
     if args.data or args.split:
         overrides.append("data.sources=[]")  # one split named here, not the training mix's
-    info = world_info_from_env()
+    info = distributed.world_info_from_env()
     setup_console_logging(info.rank)
-    device = select_device(info)
+    device = distributed.select_device(info)
     try:
         bundle = load_for_inference(args.checkpoint, device, overrides)
     except (ConfigError, FileNotFoundError) as e:
@@ -652,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = bundle.cfg
     if info.world_size > 1:
-        init_process_group(info, device, cfg.deepspeed.dist_timeout_s)
+        distributed.init_process_group(info, device, cfg.deepspeed.dist_timeout_s)
     try:
         out_dir = Path(args.out or Path(args.checkpoint) / "eval" / cfg.data.val_split)
         precision = cfg.deepspeed.precision
@@ -684,8 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results in {out_dir}")
         return 0
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from ticod import distributed
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ def should_stop(handler: PreemptionHandler, device: torch.device | str = "cpu") 
 
     Every rank must call it at the same point (it is a collective when torch.distributed is initialised).
     """
-    flag = handler.requested
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if bool(t.item()) and not flag:
-            log.info("another rank received a stop signal")
-        flag = bool(t.item())
-    return flag
+    anywhere = distributed.any_true(handler.requested, device)
+    if anywhere and not handler.requested:
+        log.info("another rank received a stop signal")
+    return anywhere

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch.distributed as dist
-
+from ticod import distributed
 from ticod.config import Config, EvalConfig, Task
 
 T = TypeVar("T")
@@ -45,9 +44,7 @@ class PreflightError(RuntimeError):
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def agree(problems: list[str]) -> None:
@@ -56,11 +53,7 @@ def agree(problems: list[str]) -> None:
     The message has one line per distinct problem, ``- <problem> [rank R (host), ...]``.
     """
     _, world_size = _world()
-    mine = (socket.gethostname(), problems)
-    gathered: list[Any] = [mine]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, mine)
+    gathered = distributed.gather_objects((socket.gethostname(), problems))
     where: dict[str, list[str]] = {}
     for r, (host, found) in enumerate(gathered):
         for problem in found:
@@ -91,9 +84,7 @@ def shared_run_dir_problems(run_dir: Path) -> tuple[list[str], Path | None]:
             token = candidate
         except OSError as e:
             problems.append(f"rank 0 cannot write to run_dir {run_dir}: {e}")
-    box = [token]
-    dist.broadcast_object_list(box, src=0)  # after the write: the file exists before any rank looks
-    token = box[0]
+    token = distributed.broadcast_from_rank0(token)  # after the write: the file exists before any rank looks
     if token is None:
         return problems, None
     path = run_dir / f"{TOKEN_PREFIX}{token}"

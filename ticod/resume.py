@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from ticod import checkpoint as ckpt_lib
+from ticod import distributed
 from ticod import engine as engine_lib
 from ticod.budget import Plan
 from ticod.config import Config
@@ -97,8 +96,7 @@ def load_resume(engine: Any, resume: Resume, layout: list[int], *, universal: bo
     if universal:
         if rank == 0:
             engine_lib.to_universal(resume.ckpt)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks read what rank 0 converted
+        distributed.barrier()  # the other ranks read what rank 0 converted
     source = resume.ckpt / engine_lib.UNIVERSAL_DIR if universal else resume.ckpt
     ckpt_lib.load_engine_state(engine, source)  # the trainer state was read by find_resume
     state = TrainState(**resume.saved["train"])

@@ -19,18 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ticod import checkpoint as ckpt_lib
+from ticod import distributed, startup
 from ticod import engine as engine_lib
-from ticod import startup
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
 from ticod.data.samples import Batch
 from ticod.data.spec import resolve_data
 from ticod.data.train_stream import build_train_loader
 from ticod.data_wait import DataWaitWatch
-from ticod.distributed import backend_for, select_device, world_info_from_env
 from ticod.evaluate import Evaluator
 from ticod.export import export_checkpoint
 from ticod.factory import build_model, build_tokenizer
@@ -92,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     # Before any slow setup, so a SIGUSR1/SIGTERM during start-up is not lost: it is honoured after
     # the first step (checkpoint, exit 75, requeue).
     preemption = PreemptionHandler().install()
-    info = world_info_from_env()
+    info = distributed.world_info_from_env()
     setup_console_logging(info.rank)
-    device = select_device(info)
-    engine_lib.init_distributed(backend_for(device), cfg.deepspeed.dist_timeout_s)
+    device = distributed.select_device(info)
+    engine_lib.init_distributed(distributed.backend_for(device), cfg.deepspeed.dist_timeout_s)
     startup.mark("process group")
     try:
         return train(cfg, rank=info.rank, world_size=info.world_size, device=device, preemption=preemption)
@@ -111,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("error: %s", e)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 @dataclass
@@ -165,10 +162,10 @@ class Run:
             log.exception("evaluation at step %d failed on rank %d; training goes on", step, self.rank)
             metrics, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"[:EVAL_ERROR_CHARS]
         self.engine.train()
-        if all_ranks_true(not error, self.device):
+        if distributed.all_true(not error, self.device):
             return metrics
         # Why, in the run dir too (eval/error in train_log.jsonl): a rank's stderr may be lost or elsewhere.
-        reason = "; ".join(e for e in all_ranks_gather(error) if e)
+        reason = "; ".join(e for e in distributed.gather_objects(error) if e)
         if self.rank == 0:
             log.error("evaluation at step %d failed: %s", step, reason)
         self.state.eval_failed += 1
@@ -395,8 +392,7 @@ def forward_backward(
     cfg, engine, state = run.cfg, run.engine, run.state
     here = batch_units(batch)
     if units is None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        units = StepUnits(here, micro_batches=world)
+        units = StepUnits(here, micro_batches=distributed.world_size())
     losses = engine(
         batch.images,
         targets=batch.targets if cfg.loss.task != Task.caption else None,
@@ -525,27 +521,9 @@ def step_flags(
         [torch.stack([nonfinite, *(torch.full_like(nonfinite, f) for f in raised)]),
          counts.to(loss.device, non_blocking=True)]
     )  # fmt: skip
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags)
+    distributed.all_reduce_(flags)
     nonfinite, stop, in_flight, failed, *total = flags.tolist()
     return nonfinite == 0, stop > 0, 2 if failed else 1 if in_flight else 0, total
-
-
-def all_ranks_gather(obj: Any) -> list[Any]:
-    """``obj`` of every rank, on every rank (a collective: every rank must call it)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
 
 
 def seed_everything(seed: int) -> None:

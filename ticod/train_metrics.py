@@ -13,8 +13,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from ticod import distributed
 from ticod.data_wait import rank_slots, wait_fraction
 from ticod.resume import TrainState
 
@@ -66,8 +66,7 @@ class Window:
         """
         keys = sorted(self.sums)
         reasons = sorted(all_reasons(self.counts, device))
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        waits = rank_slots(wait_fraction(self.data_wait, self.step_time), rank, world_size)
+        waits = rank_slots(wait_fraction(self.data_wait, self.step_time), distributed.rank(), world_size)
         counts = torch.tensor(
             [self.samples, self.read]
             + [self.counts[r] for r in reasons]
@@ -77,9 +76,7 @@ class Window:
         )
         losses = [torch.stack([self.sums[k] for k in keys]).to(device)] if keys else []
         vec = torch.cat([*losses, counts.to(device)])
-        if dist.is_initialized():
-            dist.all_reduce(vec)
-        values = vec.tolist()
+        values = distributed.all_reduce_(vec).tolist()
         n = len(keys)
         samples, read = int(values[n]), int(values[n + 1])
         had = values[n + 2 + len(reasons) : n + 2 + len(reasons) + n]
@@ -106,12 +103,7 @@ def loss_task_present(key: str, present: tuple[bool, bool]) -> bool:
 
 def all_reasons(counts: dict[str, int], device: torch.device) -> set[str]:
     """Union of the count keys seen by any rank (so every rank reduces the same vector)."""
-    reasons = set(counts)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(reasons))
-        reasons = {r for rs in gathered for r in rs}
-    return reasons
+    return {r for rs in distributed.gather_objects(sorted(counts)) for r in rs}
 
 
 def add_counts(state: TrainState, window: Window, reduced: dict[str, Any]) -> None:

@@ -177,7 +177,7 @@ def assert_same_weights(expected: Path, got: Path) -> None:
 
 def batch_keys(batches) -> list[list[str]]:
     """The sample keys of each batch of a loader."""
-    return [[m["key"] for m in b["meta"]] for b in batches]
+    return [[m["key"] for m in b.meta] for b in batches]
 
 
 # Small images for data tests: quick to decode and resize.

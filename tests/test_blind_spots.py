@@ -53,7 +53,7 @@ def test_reference_box_loss_weight_reaches_the_combined_loss():
     torch.manual_seed(0)
     model = TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS)
     b = batch()
-    parts = model.train()(b["images"], b["targets"], b["captions"], image_sizes=b["image_sizes"])
+    parts = model.train()(b.images, b.targets, b.captions, image_sizes=b.image_sizes)
     boxes = [parts[f"stage{i}_box"] for i in range(3)]
     assert all(b.item() > 0 for b in boxes)  # the weight has something to weigh
     det = parts["rpn_objectness"] + parts["rpn_box"]

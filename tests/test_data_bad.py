@@ -81,9 +81,9 @@ def drain(loader) -> tuple[list[dict], int, Counter, Counter]:
     batches, read, bad, fixed = [], 0, Counter(), Counter()
     for b in loader:
         batches.append(b)
-        read += b["stats"]["read"]
-        bad.update(b["stats"]["bad"])
-        fixed.update(b["stats"]["fixed"])
+        read += b.stats["read"]
+        bad.update(b.stats["bad"])
+        fixed.update(b.stats["fixed"])
     return batches, read, bad, fixed
 
 
@@ -107,17 +107,16 @@ def test_eval_skips_and_counts_every_bad_sample(bad_dir: Path, demo_shards_dir: 
     assert read == 16
     assert dict(bad) == EXPECTED_BAD
     assert dict(fixed) == {"degenerate_box": 1, "box_outside_image": 2}
-    good = {m["image_id"]: (b, i) for b in batches for i, m in enumerate(b["meta"])}
+    good = {m["image_id"]: (b, i) for b in batches for i, m in enumerate(b.meta)}
     assert sorted(good) == [1, 5, 6, 7, 8, 20]
     b, i = good[5]
-    assert b["targets"][i]["boxes"].shape == (1, 4) and b["targets"][i]["labels"].tolist() == [4]
+    assert b.targets[i]["boxes"].shape == (1, 4) and b.targets[i]["labels"].tolist() == [4]
     b, i = good[6]
-    assert b["targets"][i]["boxes"].shape == (0, 4) and b["targets"][i]["labels"].shape == (0,)
+    assert b.targets[i]["boxes"].shape == (0, 4) and b.targets[i]["labels"].shape == (0,)
     b, i = good[7]
-    row = b["captions"]["input_ids"][i]
+    row = b.captions["input_ids"][i]
     assert (
-        int(b["captions"]["attention_mask"][i].sum()) == MAX_TOKENS
-        and row[MAX_TOKENS - 1] == tok.eos_token_id
+        int(b.captions["attention_mask"][i].sum()) == MAX_TOKENS and row[MAX_TOKENS - 1] == tok.eos_token_id
     )
     assert not (bad_dir / "unpickled").exists()  # the .pkl member was never unpickled
 
@@ -134,11 +133,11 @@ def test_train_stream_survives_bad_shards(bad_dir: Path, demo_shards_dir: Path) 
     batches, read, bad, _ = drain(
         itertools.islice(build_train_loader(cfg, tok, rank=0, world_size=1, seed=0, split="bad"), 30)
     )
-    ids = {m["image_id"] for b in batches for m in b["meta"]}
+    ids = {m["image_id"] for b in batches for m in b.meta}
     assert ids <= {1, 5, 6, 7, 8, 20} and len(ids) >= 4
     assert set(bad) <= set(EXPECTED_BAD) and sum(bad.values()) > 0
-    assert read >= sum(len(b["meta"]) for b in batches) + sum(bad.values())
-    assert all(torch.isfinite(b["images"]).all() for b in batches)
+    assert read >= sum(len(b.meta) for b in batches) + sum(bad.values())
+    assert all(torch.isfinite(b.images).all() for b in batches)
 
 
 def test_train_stream_over_only_unreadable_shards_fails_instead_of_hanging(
@@ -186,4 +185,4 @@ def test_resumed_train_stream_counts_what_the_uninterrupted_one_counts(
     for start in (5, 6):  # resumed on either worker
         resumed = take(12 - start, start)
         assert batch_keys(resumed) == batch_keys(full[start:])
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
+        assert [b.stats for b in resumed] == [b.stats for b in full[start:]]

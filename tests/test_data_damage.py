@@ -40,8 +40,8 @@ def damage_header(shards: Path, split: str, shard: int, sample: int, how: str) -
 def tally(batches) -> tuple[list[str], int, Counter]:
     read, bad = 0, Counter()
     for b in batches:
-        read += b["stats"]["read"]
-        bad.update(b["stats"]["bad"])
+        read += b.stats["read"]
+        bad.update(b.stats["bad"])
     return [k for ks in batch_keys(batches) for k in ks], read, bad
 
 
@@ -109,6 +109,6 @@ def test_resume_stays_exact_with_the_damage_before_and_after_the_resume_point(
         assert sum(tally(full[:start])[2].values()) > 0 and sum(tally(full[start:])[2].values()) > 0
         resumed = take(40 - start, start)
         assert batch_keys(resumed) == batch_keys(full[start:])
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
+        assert [b.stats for b in resumed] == [b.stats for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):
-            assert torch.equal(a["images"], b["images"])
+            assert torch.equal(a.images, b.images)

@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers import batch_keys, data_cfg
 from pycocotools.coco import COCO
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from ticod.data import shards as shards_module
 from ticod.data.coco import CategoryMap, load_records
 from ticod.data.eval_stream import build_eval_loader, eval_share
-from ticod.data.samples import StreamStats
+from ticod.data.samples import Batch, StreamStats
 from ticod.data.shard_reader import read_range, split_shards
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
@@ -54,16 +55,16 @@ def test_eval_round_trip_matches_pycocotools(demo_coco_dir: Path, demo_shards_di
     assert loader.image_ids == sorted(inst.getImgIds())
     seen, crowd_images = [], 0
     for batch in loader:
-        for i, meta in enumerate(batch["meta"]):
+        for i, meta in enumerate(batch.meta):
             image_id = meta["image_id"]
             seen.append(image_id)
             info = inst.loadImgs(image_id)[0]
             assert meta["orig_size"] == (info["height"], info["width"]) and not meta["flipped"]
             size = resize_size(info["height"], info["width"], 112, 160)
-            assert tuple(batch["image_sizes"][i]) == size
+            assert tuple(batch.image_sizes[i]) == size
             boxes, labels = expected_targets(inst, image_id, size)
-            torch.testing.assert_close(batch["targets"][i]["boxes"], boxes)
-            assert torch.equal(batch["targets"][i]["labels"], labels)
+            torch.testing.assert_close(batch.targets[i]["boxes"], boxes)
+            assert torch.equal(batch.targets[i]["labels"], labels)
             refs = [a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=image_id))]
             assert sorted(meta["captions"]) == sorted(refs) and len(refs) == 5
             crowd_images += any(a["iscrowd"] for a in inst.loadAnns(inst.getAnnIds(imgIds=image_id)))
@@ -77,19 +78,19 @@ def test_train_round_trip_with_flips(demo_coco_dir: Path, demo_shards_dir: Path)
     caps = quiet_coco(demo_coco_dir / "annotations/captions_train.json")
     flips = 0
     for batch in itertools.islice(build_train_loader(cfg, tok, rank=0, world_size=1, seed=1), 12):
-        for i, meta in enumerate(batch["meta"]):
+        for i, meta in enumerate(batch.meta):
             info = inst.loadImgs(meta["image_id"])[0]
-            h, w = batch["image_sizes"][i]
+            h, w = batch.image_sizes[i]
             assert min(h, w) in (96, 128) or max(h, w) == 160
             boxes, labels = expected_targets(inst, meta["image_id"], (h, w))
             if meta["flipped"]:
                 flips += 1
                 boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-            torch.testing.assert_close(batch["targets"][i]["boxes"], boxes)
-            assert torch.equal(batch["targets"][i]["labels"], labels)
+            torch.testing.assert_close(batch.targets[i]["boxes"], boxes)
+            assert torch.equal(batch.targets[i]["labels"], labels)
             assert meta["scale"] == pytest.approx(h / info["height"], rel=0.02)
             # The tokenised caption is one of the image's references.
-            ids = batch["captions"]["input_ids"][i][batch["captions"]["attention_mask"][i].bool()]
+            ids = batch.captions["input_ids"][i][batch.captions["attention_mask"][i].bool()]
             refs = [a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=meta["image_id"]))]
             if meta["flipped"]:  # the mirrored image's caption has left and right swapped
                 refs = [swap_left_right(r) for r in refs]
@@ -102,30 +103,63 @@ def test_batch_format(demo_shards_dir: Path) -> None:
     cfg = data_cfg(demo_shards_dir, "data.num_workers=0", "data.batch_size=4", "data.max_caption_tokens=8")
     tok = load_tokenizer(demo_shards_dir / "tokenizer")
     batch = next(iter(build_train_loader(cfg, tok, rank=0, world_size=1, seed=0)))
-    images, sizes = batch["images"], batch["image_sizes"]
+    images, sizes = batch.images, batch.image_sizes
     assert images.dtype == torch.uint8 and images.shape[:2] == (4, 3)  # normalised by the model
     assert images.shape[2:] == (max(h for h, _ in sizes), max(w for _, w in sizes))
     for i, (h, w) in enumerate(sizes):
-        assert isinstance(batch["image_sizes"][i], tuple)
+        assert isinstance(batch.image_sizes[i], tuple)
         assert images[i, :, h:, :].abs().sum() == 0 and images[i, :, :, w:].abs().sum() == 0  # zero padding
         assert images[i, :, h - 1, w - 1].abs().sum() > 0
-        t = batch["targets"][i]
+        t = batch.targets[i]
         assert (
             t["boxes"].dtype == torch.float32
             and t["boxes"].shape[1] == 4
             and t["labels"].dtype == torch.int64
         )
         assert ((t["labels"] >= 1) & (t["labels"] <= 6)).all() and len(t["labels"]) == len(t["boxes"])
-    ids, mask = batch["captions"]["input_ids"], batch["captions"]["attention_mask"]
+    ids, mask = batch.captions["input_ids"], batch.captions["attention_mask"]
     assert ids.dtype == mask.dtype == torch.int64 and ids.shape == mask.shape and ids.shape[1] <= 8
     for row, m in zip(ids, mask, strict=True):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()  # right padding
         assert row[0] == tok.bos_token_id and row[n - 1] == tok.eos_token_id
-    assert batch["stats"]["read"] >= 4 and batch["stats"]["bad"] == {}
+    assert batch.stats["read"] >= 4 and batch.stats["bad"] == {}
     meta = {"key", "image_id", "orig_size", "scale", "flipped", "captions", "source"}
-    assert set(batch["meta"][0]) == meta and batch["meta"][0]["source"] == ""  # one unnamed source
-    assert batch["has_boxes"] == batch["has_caption"] == [True] * 4  # the demo labels both everywhere
+    assert set(batch.meta[0]) == meta and batch.meta[0]["source"] == ""  # one unnamed source
+    assert batch.has_boxes == batch.has_caption == [True] * 4  # the demo labels both everywhere
+
+
+def test_batch_is_pinned_and_moved_whole(demo_shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's pinning (``pin_memory=True`` where CUDA is) reaches every tensor of a Batch through
+    ``Batch.pin_memory`` (an object without that method is handed over unpinned), and ``Batch.to`` moves
+    the same tensors, leaving the rest and the original as they were."""
+    cfg = data_cfg(demo_shards_dir, "data.num_workers=0", "data.batch_size=4")
+    tok = load_tokenizer(demo_shards_dir / "tokenizer")
+    batch = next(iter(build_train_loader(cfg, tok, rank=0, world_size=1, seed=0)))
+    pinned: list[torch.Tensor] = []
+
+    def pin(self: torch.Tensor, *args: object) -> torch.Tensor:  # no CUDA here: a copy stands for pinning
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+
+    def tensors(b: Batch) -> list[torch.Tensor]:
+        return [b.images, *b.captions.values(), *(v for t in b.targets for v in t.values())]
+
+    out = pin_memory(batch)  # what the DataLoader's pinning thread calls on each batch
+    assert type(out) is Batch and len(tensors(out)) == len(pinned) == 3 + 2 * 4
+    assert all(any(t is p for p in pinned) for t in tensors(out))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(out), tensors(batch), strict=True))
+    assert (out.image_sizes, out.meta, out.stats, out.has_boxes) == (
+        batch.image_sizes,
+        batch.meta,
+        batch.stats,
+        batch.has_boxes,
+    )
+    moved = batch.to(torch.device("meta"))
+    assert all(t.device.type == "meta" for t in tensors(moved))
+    assert all(t.device.type == "cpu" for t in tensors(batch)) and moved.meta is batch.meta
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +184,8 @@ def test_eval_two_ranks_two_workers_visit_each_sample_once(
         loader = build_eval_loader(cfg, tok, rank=rank, world_size=2, split=split)
         ids = []
         for batch in loader:
-            ids += [m["image_id"] for m in batch["meta"]]
-            read += batch["stats"]["read"]
+            ids += [m["image_id"] for m in batch.meta]
+            read += batch.stats["read"]
         per_rank.append(ids)
     all_ids = per_rank[0] + per_rank[1]
     assert sorted(all_ids) == loader.image_ids and len(set(all_ids)) == len(all_ids)
@@ -165,7 +199,7 @@ def test_eval_max_samples(many_shards: Path, demo_shards_dir: Path) -> None:
     got = []
     for rank in range(2):
         loader = build_eval_loader(cfg, tok, rank=rank, world_size=2, split="train", max_samples=5)
-        got += [m["image_id"] for b in loader for m in b["meta"]]
+        got += [m["image_id"] for b in loader for m in b.meta]
     assert len(loader.image_ids) == 5 and sorted(got) == loader.image_ids
 
 
@@ -184,11 +218,11 @@ def test_train_stream_is_seeded_per_rank_and_resumable(demo_shards_dir: Path) ->
         resumed = take(7 - start, rank=0, seed=5, start_batch=start)
         assert batch_keys(resumed) == batch_keys(full[start:])
         # Samples read since the previous batch: the replayed batches were counted before the interruption.
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
+        assert [b.stats for b in resumed] == [b.stats for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):  # augmentations (size, flip, caption) too
-            assert torch.equal(a["images"], b["images"])
-            assert torch.equal(a["captions"]["input_ids"], b["captions"]["input_ids"])
-            assert [m["flipped"] for m in a["meta"]] == [m["flipped"] for m in b["meta"]]
+            assert torch.equal(a.images, b.images)
+            assert torch.equal(a.captions["input_ids"], b.captions["input_ids"])
+            assert [m["flipped"] for m in a.meta] == [m["flipped"] for m in b.meta]
 
 
 def test_aspect_buckets_and_grouping() -> None:
@@ -219,9 +253,9 @@ def test_grouped_stream_one_bucket_one_scale_per_batch_and_resumable(demo_shards
 
     full = take(8)
     for batch in full:
-        orig = [m["orig_size"] for m in batch["meta"]]
+        orig = [m["orig_size"] for m in batch.meta]
         assert len({aspect_bucket(w, h) for h, w in orig}) == 1, orig
-        assert len({min(s) for s in batch["image_sizes"]}) == 1, batch["image_sizes"]
+        assert len({min(s) for s in batch.image_sizes}) == 1, batch.image_sizes
     ungrouped = data_cfg(demo_shards_dir, "data.num_workers=2", "data.batch_size=3", "data.shuffle_buffer=10",
                          "data.group_by_aspect=false")  # fmt: skip
     plain = list(itertools.islice(build_train_loader(ungrouped, tok, rank=0, world_size=1, seed=3), 8))
@@ -229,10 +263,10 @@ def test_grouped_stream_one_bucket_one_scale_per_batch_and_resumable(demo_shards
     for start in (3, 4):
         resumed = take(8 - start, start)
         assert batch_keys(resumed) == batch_keys(full[start:])
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]]
+        assert [b.stats for b in resumed] == [b.stats for b in full[start:]]
         for a, b in zip(full[start:], resumed, strict=True):
-            assert torch.equal(a["images"], b["images"]) and a["image_sizes"] == b["image_sizes"]
-            assert torch.equal(a["captions"]["input_ids"], b["captions"]["input_ids"])
+            assert torch.equal(a.images, b.images) and a.image_sizes == b.image_sizes
+            assert torch.equal(a.captions["input_ids"], b.captions["input_ids"])
 
 
 # ------------------------------------------------------------------ resume by seeking, eval shares (issue 14)
@@ -298,9 +332,9 @@ def test_resume_seeks_reading_only_what_the_stream_holds(
     assert "no per-sample byte offsets" in caplog.text and "re-reads every sample" in caplog.text
     for resumed in (seeked, replayed):
         assert batch_keys(resumed) == batch_keys(full[60:])
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[60:]]
+        assert [b.stats for b in resumed] == [b.stats for b in full[60:]]
         for a, b in zip(full[60:], resumed, strict=True):
-            assert torch.equal(a["images"], b["images"])
+            assert torch.equal(a.images, b.images)
     assert seek_bytes < 2 * fresh < replay_bytes / 5  # 120 samples drawn, 24 in all: many re-reads
 
 

@@ -60,12 +60,12 @@ def test_a_sample_with_an_unreadable_json_keeps_the_grouped_resume_exact(
 
     full = take(24)
     # The spoiled sample is drawn (and dropped as bad) in the stretch compared below.
-    assert sum(b["stats"]["bad"].get(BAD_JSON, 0) for b in full) >= 1
+    assert sum(b.stats["bad"].get(BAD_JSON, 0) for b in full) >= 1
     assert spoiled not in {k for ks in keys(full) for k in ks}
     for start in range(1, 12):
         resumed = take(24 - start, start)
         assert keys(resumed) == keys(full[start:]), start
-        assert [b["stats"] for b in resumed] == [b["stats"] for b in full[start:]], start
+        assert [b.stats for b in resumed] == [b.stats for b in full[start:]], start
 
 
 def test_a_shard_truncated_before_the_resume_point_is_named_at_the_resume(

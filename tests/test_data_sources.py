@@ -10,6 +10,7 @@ from helpers import train_label_space
 
 from ticod.config import load_config
 from ticod.data.plan import StreamPlan
+from ticod.data.samples import Batch
 from ticod.data.sources import (
     LabelSpace,
     SourceError,
@@ -89,17 +90,17 @@ def test_mix_batches_carry_labels_per_source_merged_categories_and_counts(mix: d
     counted: dict[str, int] = {}
     labels: dict[tuple[str, int], list[int]] = {}
     for batch, _ in zip(loader, range(40), strict=False):
-        for name, n in batch["stats"].get("sources", {}).items():
+        for name, n in batch.stats.get("sources", {}).items():
             counted[name] = counted.get(name, 0) + n
-        for i, meta in enumerate(batch["meta"]):
+        for i, meta in enumerate(batch.meta):
             src = meta["source"]
             seen[src] = seen.get(src, 0) + 1
             expected = {"shapes": (True, True), "boxes": (True, False), "caps": (False, True)}[src]
-            assert (batch["has_boxes"][i], batch["has_caption"][i]) == expected, src
+            assert (batch.has_boxes[i], batch.has_caption[i]) == expected, src
             if src == "caps":
-                assert len(batch["targets"][i]["boxes"]) == 0
+                assert len(batch.targets[i]["boxes"]) == 0
             if not meta["flipped"]:
-                labels[src, meta["image_id"]] = sorted(batch["targets"][i]["labels"].tolist())
+                labels[src, meta["image_id"]] = sorted(batch.targets[i]["labels"].tolist())
     assert set(seen) == {"shapes", "boxes", "caps"} and counted == seen
     # The same image through the renamed source gets the same labels (the map put them back).
     same = [(k[1]) for k in labels if k[0] == "boxes" and ("shapes", k[1]) in labels]
@@ -122,7 +123,7 @@ def test_mix_stream_is_deterministic_and_resumes_exactly(mix: dict) -> None:
         return [
             (m["source"], m["image_id"], m["flipped"])
             for batch, _ in zip(loader, range(n), strict=False)
-            for m in batch["meta"]
+            for m in batch.meta
         ]
 
     whole = keys(0, 30)
@@ -145,10 +146,11 @@ def test_logged_task_losses_are_means_over_the_micro_batches_that_had_the_task()
     parts = {"caption": 2.0, "loss_cap": 2.0, "rpn_box": 4.0, "loss_det": 4.0, "loss": 4.4}
     window.add_losses({k: torch.tensor(v) for k, v in parts.items()}, 2, (True, True))
     # A captions-only micro-batch: its detection losses are the model's exact-zero stand-in.
-    only_caps = {"has_boxes": [False, False], "has_caption": [True, True]}
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    only_caps = Batch(images, [(8, 8)] * 2, has_boxes=[False, False], has_caption=[True, True])
     zeros = {**parts, "caption": 1.0, "loss_cap": 1.0, "rpn_box": 0.0, "loss_det": 0.0, "loss": 0.2}
     window.add_losses({k: torch.tensor(v) for k, v in zeros.items()}, 2, tasks_present(only_caps))
     out = window.reduce(torch.device("cpu"), 1)
     assert out["loss_det"] == out["rpn_box"] == 4.0  # not 2.0: the stand-in is no detection loss
     assert out["caption"] == out["loss_cap"] == 1.5 and out["loss"] == pytest.approx(2.3)
-    assert tasks_present({}) == (True, True)
+    assert tasks_present(Batch(images, [(8, 8)] * 2)) == (True, True)  # no flags: every image has both

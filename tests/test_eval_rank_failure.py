@@ -7,6 +7,7 @@ it must make a stand-in forward for rank 0's)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -30,18 +31,21 @@ from tiny_model import (
     word_tokenizer,
 )
 
+from ticod.data.samples import Batch
 from ticod.evaluate import evaluate
 from ticod.ground_truth import GroundTruth
 
 TIMEOUT_S = 60  # the process group's: a rank left waiting in a collective fails after this
 
 
-def failing_batches(batches: list[dict], how: str) -> Iterator[dict]:
+def failing_batches(batches: list[Batch], how: str) -> Iterator[Batch]:
     """Rank 1's stream: its first batch, then a loader error or a batch without its image sizes."""
     yield batches[0]
     if how == "loader":
         raise OSError("fault injection: rank 1's loader cannot read its next shard")
-    yield {k: v for k, v in batches[1].items() if k != "image_sizes"}
+    broken = copy.copy(batches[1])
+    del broken.image_sizes  # reading it fails in the prediction step, before the model's forward
+    yield broken
 
 
 def _rank_main(rank: int, port: int, out_dir: str, gt_file: str, how: str) -> None:
@@ -97,7 +101,11 @@ def test_a_rank_failing_in_lockstep_evaluation_fails_every_rank_at_once(tmp_path
     gt_file = save_ground_truth([r for recs in records for r in recs], tmp_path)
     mp.spawn(_rank_main, args=(int(free_port()), str(tmp_path), gt_file, how), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    cause = "OSError: fault injection" if how == "loader" else "KeyError: 'image_sizes'"
+    cause = (
+        "OSError: fault injection"
+        if how == "loader"
+        else "AttributeError: 'Batch' object has no attribute 'image_sizes'"
+    )
     for rank, result in enumerate(results):
         assert (
             result["outcome"].startswith("RuntimeError: ")

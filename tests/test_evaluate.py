@@ -278,7 +278,7 @@ def test_streams_without_images_and_unreadable_shards_count_each_image_once(case
     for rank in range(4):
         loader = build_eval_loader(cfg.data, tok, rank=rank, world_size=4, max_samples=max_images)
         batches = list(loader)
-        empty_batches += sum(not b["meta"] for b in batches)
+        empty_batches += sum(not b.meta for b in batches)
         recs, _, rank_bad, _ = _predict(model, batches, tok, torch.device("cpu"), num_samples=0)
         records += recs
         bad += rank_bad

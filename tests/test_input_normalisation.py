@@ -43,8 +43,8 @@ def test_model_sees_the_normalised_zero_padded_batch_of_before(demo_shards_dir: 
     )
     tok = load_tokenizer(cfg.data.tokenizer)
     loader = build_train_loader(cfg.data, tok, rank=0, world_size=1, seed=0)
-    batch = next(b for b in itertools.islice(loader, 20) if len(set(b["image_sizes"])) > 1)
-    images, sizes = batch["images"], batch["image_sizes"]
+    batch = next(b for b in itertools.islice(loader, 20) if len(set(b.image_sizes)) > 1)
+    images, sizes = batch.images, batch.image_sizes
     assert images.dtype == torch.uint8
 
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def test_model_sees_the_normalised_zero_padded_batch_of_before(demo_shards_dir: 
     model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     expected = pad_to_multiple(float_batch_as_before(images, sizes), model.backbone.size_divisor)
     with torch.no_grad():
-        model.train()(images, batch["targets"], batch["captions"], image_sizes=sizes)
+        model.train()(images, batch.targets, batch.captions, image_sizes=sizes)
         model.eval()(images, image_sizes=sizes)
         # A float batch is taken as normalised already: the old input gives the same backbone input.
         model.eval()(float_batch_as_before(images, sizes), image_sizes=sizes)

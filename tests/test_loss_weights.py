@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from tiny_model import BOS, EOS, VOCAB, tiny_config
 
 from ticod.checkpoint import Checkpointer
+from ticod.data.samples import Batch
 from ticod.models import TICOD
 from ticod.resume import TrainState
 from ticod.train import StepUnits, batch_units, forward_backward, step_loss
@@ -65,7 +66,7 @@ TIMEOUT_S = 300
 COLLECTIVE_TIMEOUT_S = 120
 
 
-def make_batch(indices: list[int]) -> dict:
+def make_batch(indices: list[int]) -> Batch:
     """The images ``indices`` of IMAGES collated as the data pipeline does (partial labels included)."""
     g = torch.Generator().manual_seed(7)
     pixels = torch.randn(len(IMAGES), 3, SIZE, SIZE, generator=g)
@@ -84,14 +85,14 @@ def make_batch(indices: list[int]) -> dict:
                 "labels": torch.tensor(labels or [], dtype=torch.int64),
             }
         )
-    return {
-        "images": pixels[indices],
-        "image_sizes": [(SIZE, SIZE)] * len(indices),
-        "targets": targets,
-        "captions": {"input_ids": ids, "attention_mask": mask},
-        "has_boxes": [s[0] is not None for s in specs],
-        "has_caption": [s[2] is not None for s in specs],
-    }
+    return Batch(
+        images=pixels[indices],
+        image_sizes=[(SIZE, SIZE)] * len(indices),
+        targets=targets,
+        captions={"input_ids": ids, "attention_mask": mask},
+        has_boxes=[s[0] is not None for s in specs],
+        has_caption=[s[2] is not None for s in specs],
+    )
 
 
 def build_model() -> TICOD:
@@ -100,14 +101,14 @@ def build_model() -> TICOD:
     return TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS)
 
 
-def losses_of(model: TICOD, b: dict) -> dict[str, torch.Tensor]:
+def losses_of(model: TICOD, b: Batch) -> dict[str, torch.Tensor]:
     return model(
-        b["images"],
-        b["targets"],
-        b["captions"],
-        image_sizes=b["image_sizes"],
-        has_boxes=b["has_boxes"],
-        has_caption=b["has_caption"],
+        b.images,
+        b.targets,
+        b.captions,
+        image_sizes=b.image_sizes,
+        has_boxes=b.has_boxes,
+        has_caption=b.has_caption,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_model import batch, build
@@ -27,6 +29,6 @@ def test_gap_needs_the_decoder_and_two_images():
     with pytest.raises(ValueError, match="caption decoder"):
         grounding_gap(build("loss.task=detection"), [batch()])
     one = batch()
-    one = {**one, "images": one["images"][:1], "image_sizes": one["image_sizes"][:1]}
+    one = replace(one, images=one.images[:1], image_sizes=one.image_sizes[:1])
     with pytest.raises(ValueError, match="at least 2"):
         grounding_gap(build(), [one])

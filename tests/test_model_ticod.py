@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,12 @@ from tiny_model import (
     word_tokenizer,
 )
 
+from ticod.data.samples import Batch
 from ticod.models import TICOD
 
 
-def train_losses(model: TICOD, b: dict) -> dict[str, torch.Tensor]:
-    return model.train()(b["images"], b["targets"], b["captions"], image_sizes=b["image_sizes"])
+def train_losses(model: TICOD, b: Batch) -> dict[str, torch.Tensor]:
+    return model.train()(b.images, b.targets, b.captions, image_sizes=b.image_sizes)
 
 
 DET_KEYS = {"rpn_objectness", "rpn_box", "loss_det", "term_det"} | {
@@ -81,12 +83,12 @@ def test_task_switches_build_only_the_needed_branch():
     cap = build("loss.task=caption")
     assert det.captioner is None and cap.detector is None
     b = batch()
-    assert set(det.train()(b["images"], b["targets"], image_sizes=b["image_sizes"])) == DET_KEYS | {"loss"}
-    cap_losses = cap.train()(b["images"], captions=b["captions"], image_sizes=b["image_sizes"])
+    assert set(det.train()(b.images, b.targets, image_sizes=b.image_sizes)) == DET_KEYS | {"loss"}
+    cap_losses = cap.train()(b.images, captions=b.captions, image_sizes=b.image_sizes)
     assert set(cap_losses) == CAP_KEYS | {"loss"}
     torch.testing.assert_close(cap_losses["loss"], cap_losses["caption"])
-    assert set(det.eval()(b["images"], image_sizes=b["image_sizes"])[0]) == {"boxes", "scores", "labels"}
-    assert set(cap.eval()(b["images"], image_sizes=b["image_sizes"])[0]) == {"caption_ids"}
+    assert set(det.eval()(b.images, image_sizes=b.image_sizes)[0]) == {"boxes", "scores", "labels"}
+    assert set(cap.eval()(b.images, image_sizes=b.image_sizes)[0]) == {"caption_ids"}
     with pytest.raises(ValueError, match="use_fpn_levels"):
         build("loss.task=caption", "model.captioner.use_fpn_levels=true")
 
@@ -109,19 +111,19 @@ def test_eval_returns_boxes_in_original_pixels_and_decoded_captions():
     model = build(tokenizer=tokenizer).eval()
     b = batch()
     orig = [(140, 202), (53, 88)]  # image 0 was downscaled by 2, image 1 not resized
-    plain = model(b["images"], image_sizes=b["image_sizes"])
-    scaled = model(b["images"], image_sizes=b["image_sizes"], orig_sizes=orig)
+    plain = model(b.images, image_sizes=b.image_sizes)
+    scaled = model(b.images, image_sizes=b.image_sizes, orig_sizes=orig)
     for i, (p, s) in enumerate(zip(plain, scaled, strict=True)):
         assert set(s) == {"boxes", "scores", "labels", "caption_ids", "caption"}
         assert len(p["boxes"]) > 0 and s["labels"].dtype == torch.int64
         assert s["labels"].min() >= 1 and s["labels"].max() <= NUM_CLASSES
-        h, w = b["image_sizes"][i]
+        h, w = b.image_sizes[i]
         assert (p["boxes"][:, 0::2] <= w).all() and (p["boxes"][:, 1::2] <= h).all()  # clipped to the image
-        factor = orig[i][0] / b["image_sizes"][i][0]
+        factor = orig[i][0] / b.image_sizes[i][0]
         torch.testing.assert_close(s["boxes"], p["boxes"] * factor)
         assert s["caption"] == tokenizer.decode(s["caption_ids"].tolist(), skip_special_tokens=True).strip()
         assert BOS not in s["caption_ids"].tolist() and EOS not in s["caption_ids"].tolist()
-    ids = model.generate_captions(b["images"], b["image_sizes"], num_beams=2, max_new_tokens=3)
+    ids = model.generate_captions(b.images, b.image_sizes, num_beams=2, max_new_tokens=3)
     assert len(ids) == 2 and all(len(x) <= 3 for x in ids)
 
 
@@ -163,7 +165,7 @@ def test_model_code_is_single_device_code():
 
 
 # ------------------------------------------------------------------------------------ partial labels
-def three_images() -> dict:
+def three_images() -> Batch:
     """Three same-size images (so any sub-batch pads alike), all labelled for boxes and captions."""
     g = torch.Generator().manual_seed(5)
     boxes = [
@@ -171,39 +173,39 @@ def three_images() -> dict:
         [[10.0, 10.0, 60.0, 50.0]],
         [[20.0, 5.0, 80.0, 60.0]],
     ]
-    return {
-        "images": torch.randn(3, 3, 64, 96, generator=g),
-        "image_sizes": [(64, 96)] * 3,
-        "targets": [
+    return Batch(
+        images=torch.randn(3, 3, 64, 96, generator=g),
+        image_sizes=[(64, 96)] * 3,
+        targets=[
             {"boxes": torch.tensor(b), "labels": torch.tensor([1, 4][: len(b)]) + i}
             for i, b in enumerate(boxes)
         ],
-        "captions": {
+        captions={
             "input_ids": torch.tensor([[BOS, 5, 6, 7, EOS], [BOS, 8, 9, EOS, EOS], [BOS, 10, EOS, EOS, EOS]]),
             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
         },
-    }
+    )
 
 
-def rows(b: dict, keep: list[int]) -> dict:
+def rows(b: Batch, keep: list[int]) -> Batch:
     """The sub-batch of images ``keep`` (fully labelled, no flags)."""
-    return {
-        "images": b["images"][keep],
-        "image_sizes": [b["image_sizes"][i] for i in keep],
-        "targets": [b["targets"][i] for i in keep],
-        "captions": {k: v[keep] for k, v in b["captions"].items()},
-    }
+    return Batch(
+        images=b.images[keep],
+        image_sizes=[b.image_sizes[i] for i in keep],
+        targets=[b.targets[i] for i in keep],
+        captions={k: v[keep] for k, v in b.captions.items()},
+    )
 
 
-def partial_losses(model: TICOD, b: dict, seed: int = 7) -> dict[str, torch.Tensor]:
+def partial_losses(model: TICOD, b: Batch, seed: int = 7) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)  # the RPN/RoI samplers draw random RoIs
     return model.train()(
-        b["images"],
-        b["targets"],
-        b["captions"],
-        image_sizes=b["image_sizes"],
-        has_boxes=b.get("has_boxes"),
-        has_caption=b.get("has_caption"),
+        b.images,
+        b.targets,
+        b.captions,
+        image_sizes=b.image_sizes,
+        has_boxes=b.has_boxes,
+        has_caption=b.has_caption,
     )
 
 
@@ -258,7 +260,7 @@ def test_all_true_flags_are_bit_identical_to_no_flags():
     results = []
     for flags in (None, [True] * 3):
         model = build()
-        b = three_images() if flags is None else {**three_images(), "has_boxes": flags, "has_caption": flags}
+        b = three_images() if flags is None else replace(three_images(), has_boxes=flags, has_caption=flags)
         losses = partial_losses(model, b)
         losses["loss"].backward()
         results.append((losses, grads(model)))

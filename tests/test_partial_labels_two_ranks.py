@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 from tiny_model import BOS, EOS, VOCAB, batch, partially_labelled, tiny_config
 
 from ticod.checkpoint import Checkpointer
+from ticod.data.samples import Batch
 from ticod.models import TICOD
 
 STEPS = 3
@@ -34,11 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_batch(rank: int) -> dict:
+def rank_batch(rank: int) -> Batch:
     """Rank 0: captions only (empty targets); rank 1: boxes and captions."""
     if rank == 0:
         return partially_labelled(batch(with_boxes=False), [False, False], [True, True])
-    return {**batch(), "has_boxes": [True, True], "has_caption": [True, True]}
+    return replace(batch(), has_boxes=[True, True], has_caption=[True, True])
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:

@@ -17,22 +17,23 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from ticod.config import ConfigError, load_config
+from ticod.data.samples import Batch
 from ticod.models import TICOD
 
 
-def wide_batch() -> dict:
+def wide_batch() -> Batch:
     """One 128×1344 image with boxes beyond x = 1024, where bf16 spacing is 8 px."""
     b = batch()
     g = torch.Generator().manual_seed(0)
     boxes = torch.tensor(
         [[1030.0, 40.0, 1101.0, 97.0], [1210.0, 10.0, 1333.0, 121.0], [20.0, 8.0, 60.0, 50.0]]
     )
-    return {
-        "images": torch.randn(1, 3, 128, 1344, generator=g),
-        "image_sizes": [(128, 1344)],
-        "targets": [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])}],
-        "captions": {k: v[:1] for k, v in b["captions"].items()},
-    }
+    return Batch(
+        images=torch.randn(1, 3, 128, 1344, generator=g),
+        image_sizes=[(128, 1344)],
+        targets=[{"boxes": boxes, "labels": torch.tensor([1, 2, 3])}],
+        captions={k: v[:1] for k, v in b.captions.items()},
+    )
 
 
 def test_anchors_box_coding_and_rois_are_fp32_under_bf16_autocast(monkeypatch):
@@ -69,7 +70,7 @@ def test_anchors_box_coding_and_rois_are_fp32_under_bf16_autocast(monkeypatch):
     for training in (True, False):
         model.train(training)
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-            out = model(b["images"], b["targets"] if training else None, b["captions"], b["image_sizes"])
+            out = model(b.images, b.targets if training else None, b.captions, b.image_sizes)
         if training:
             assert out["loss"].isfinite()
         (got,) = anchors.pop()
@@ -77,7 +78,7 @@ def test_anchors_box_coding_and_rois_are_fp32_under_bf16_autocast(monkeypatch):
         # Exact: torchvision's generator on fp32 maps of the same shapes (not rounded to 8 px at x > 1024).
         maps = [torch.zeros(s) for s in shapes]
         (expected,) = AnchorGenerator.forward(
-            det.rpn.anchor_generator, ImageList(b["images"], b["image_sizes"]), maps
+            det.rpn.anchor_generator, ImageList(b.images, b.image_sizes), maps
         )
         assert torch.equal(got, expected)
     assert seen["coder"] and set(seen["coder"]) == {torch.float32}
@@ -109,7 +110,7 @@ def test_one_step_bf16_matches_fp32(single_rank_pg):
         engine.train()
         b = batch()
         torch.manual_seed(1)  # the same RPN/RoI sampling draws
-        out = engine(b["images"], targets=b["targets"], captions=b["captions"], image_sizes=b["image_sizes"])
+        out = engine(b.images, targets=b.targets, captions=b.captions, image_sizes=b.image_sizes)
         engine.backward(out["loss"])
         engine.step()
         assert all(p.isfinite().all() for p in engine.module.parameters())

@@ -47,7 +47,8 @@ def test_find_images_and_unique_names(images, tmp_path):
 def test_preprocess_resizes_like_eval_and_pads():
     cfg = eval_config(*SMALL).data
     wide, tall = Image.new("RGB", (200, 100), (124, 116, 104)), Image.new("RGB", (60, 80))
-    batch, sizes = preprocess([wide, tall], cfg)
+    out = preprocess([wide, tall], cfg)
+    batch, sizes = out.images, out.image_sizes
     # wide: shorter side 100 -> 64 would make the longer 128 > 96, so the longer side sets the scale.
     assert sizes == [(48, 96), (85, 64)]
     assert batch.shape == (2, 3, 85, 96) and batch.dtype == torch.uint8  # the model normalises
@@ -91,7 +92,8 @@ def test_predict_writes_consistent_json_and_png(images, tmp_path):
         ).getbbox()
 
     # The same as the model run directly on one image (batch of 1: no padding from other images).
-    batch, sizes = preprocess([Image.open(paths[2])], cfg.data)
+    one = preprocess([Image.open(paths[2])], cfg.data)
+    batch, sizes = one.images, one.image_sizes
     with torch.no_grad():
         direct = model(batch, image_sizes=sizes, orig_sizes=[(100, 200)])[0]
     single = predict(

@@ -176,9 +176,9 @@ def expected_counts(overrides: list[str]) -> list[dict[str, Any]]:
     loader = build_train_loader(cfg.data, tok, rank=0, world_size=1, seed=cfg.seed)
     bad, dropped, ids, out = Counter(), Counter(), [], []
     for batch in itertools.islice(loader, BAD_RUN_STEPS):
-        bad.update(batch["stats"]["bad"])
-        dropped.update(batch["stats"]["fixed"])
-        ids += [m["image_id"] for m in batch["meta"]]
+        bad.update(batch.stats["bad"])
+        dropped.update(batch.stats["fixed"])
+        ids += [m["image_id"] for m in batch.meta]
         out.append({"bad": dict(bad), "dropped": dict(dropped), "samples": len(ids), "ids": set(ids)})
     return out
 
@@ -640,11 +640,11 @@ def test_shard_reader_never_writes_archive_paths(
     tok = load_tokenizer(demo_shards_dir / "tokenizer")
     batches = list(build_eval_loader(cfg, tok, rank=0, world_size=1, split="evil"))
     assert {p: p.read_bytes() for p in all_files(tmp_path)} == before  # nothing written, nothing changed
-    keys = [m["key"] for b in batches for m in b["meta"]]
+    keys = [m["key"] for b in batches for m in b.meta]
     assert keys == ["../../escaped", str(tmp_path / "absolute")]  # regular members: decoded in memory only
     bad = {}
     for b in batches:
-        for reason, n in b["stats"]["bad"].items():
+        for reason, n in b.stats["bad"].items():
             bad[reason] = bad.get(reason, 0) + n
     assert bad == {"missing_jpeg": 2}  # link members are never followed
 

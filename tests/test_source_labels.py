@@ -32,7 +32,7 @@ def test_mix_targets_carry_the_classes_of_their_source(mix: dict) -> None:
     loader = build_train_loader(cfg, load_tokenizer(mix["tok"]), rank=0, world_size=1, seed=0)
     seen = set()
     for batch, _ in zip(loader, range(20), strict=False):
-        for meta, target in zip(batch["meta"], batch["targets"], strict=True):
+        for meta, target in zip(batch.meta, batch.targets, strict=True):
             assert target["classes"].tolist() == expected[meta["source"]], meta["source"]
             assert all(expected[meta["source"]][label] for label in target["labels"].tolist())
             seen.add(meta["source"])
@@ -45,7 +45,7 @@ def demo_model_and_batch(demo_shards_dir: Path):
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).train()
     batch = next(iter(build_train_loader(cfg.data, tokenizer, rank=0, world_size=1, seed=0)))
-    assert all("classes" not in t for t in batch["targets"])  # one source: no mask, as before
+    assert all("classes" not in t for t in batch.targets)  # one source: no mask, as before
     return cfg, model, batch
 
 
@@ -53,12 +53,12 @@ def losses_and_grads(model, batch, targets) -> tuple[dict[str, torch.Tensor], di
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the RoI sampler draws
     losses = model(
-        batch["images"],
+        batch.images,
         targets=targets,
-        captions=batch["captions"],
-        image_sizes=batch["image_sizes"],
-        has_boxes=batch["has_boxes"],
-        has_caption=batch["has_caption"],
+        captions=batch.captions,
+        image_sizes=batch.image_sizes,
+        has_boxes=batch.has_boxes,
+        has_caption=batch.has_caption,
     )
     losses["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -70,8 +70,8 @@ def test_a_source_with_every_class_trains_bit_identically(demo_shards_dir: Path)
     gives the same losses and gradients, bit for bit."""
     cfg, model, batch = demo_model_and_batch(demo_shards_dir)
     every = torch.ones(cfg.model.num_classes + 1, dtype=torch.bool)
-    plain = losses_and_grads(model, batch, batch["targets"])
-    masked = losses_and_grads(model, batch, [t | {"classes": every} for t in batch["targets"]])
+    plain = losses_and_grads(model, batch, batch.targets)
+    masked = losses_and_grads(model, batch, [t | {"classes": every} for t in batch.targets])
     assert plain[0].keys() == masked[0].keys() and "stage2_cls" in plain[0]
     for k in plain[0]:
         assert torch.equal(plain[0][k], masked[0][k]), k
@@ -86,7 +86,7 @@ def test_images_of_a_source_without_a_class_give_its_logits_no_gradient(demo_sha
     they do."""
     cfg, model, batch = demo_model_and_batch(demo_shards_dir)
     x = cfg.model.num_classes
-    without_x = [{k: v[t["labels"] != x] for k, v in t.items()} for t in batch["targets"]]
+    without_x = [{k: v[t["labels"] != x] for k, v in t.items()} for t in batch.targets]
     mask = torch.ones(x + 1, dtype=torch.bool)
     mask[x] = False
     _, as_background = losses_and_grads(model, batch, without_x)

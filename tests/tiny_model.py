@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from ticod.config import Config, load_config
+from ticod.data.samples import Batch
 from ticod.evaluate import to_records
 from ticod.ground_truth import GroundTruth
 from ticod.models import TICOD
@@ -101,7 +103,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def batch(with_boxes: bool = True) -> dict:
+def batch(with_boxes: bool = True) -> Batch:
     """Two images of odd sizes zero-padded to the batch maximum, as the data pipeline collates them."""
     g = torch.Generator().manual_seed(4)
     sizes = [(70, 101), (53, 88)]
@@ -121,21 +123,21 @@ def batch(with_boxes: bool = True) -> dict:
         "input_ids": torch.tensor([[BOS, 5, 6, 7, EOS], [BOS, 8, 9, EOS, EOS]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
     }
-    return {"images": images, "image_sizes": sizes, "targets": targets, "captions": captions}
+    return Batch(images, sizes, targets, captions)
 
 
-def partially_labelled(b: dict, has_boxes: list[bool], has_caption: list[bool]) -> dict:
+def partially_labelled(b: Batch, has_boxes: list[bool], has_caption: list[bool]) -> Batch:
     """``b`` as the data pipeline delivers partial labels: an empty target where an image has no boxes
     labelled, the tokenised "" caption (BOS EOS) where it has no caption, and the flags."""
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
-    ids, mask = b["captions"]["input_ids"].clone(), b["captions"]["attention_mask"].clone()
+    ids, mask = b.captions["input_ids"].clone(), b.captions["attention_mask"].clone()
     for i, has in enumerate(has_caption):
         if not has:
             ids[i], mask[i] = EOS, 0
             ids[i, 0], mask[i, :2] = BOS, 1
-    targets = [t if has else empty for t, has in zip(b["targets"], has_boxes, strict=True)]
+    targets = [t if has else empty for t, has in zip(b.targets, has_boxes, strict=True)]
     captions = {"input_ids": ids, "attention_mask": mask}
-    return {**b, "targets": targets, "captions": captions, "has_boxes": has_boxes, "has_caption": has_caption}
+    return replace(b, targets=targets, captions=captions, has_boxes=has_boxes, has_caption=has_caption)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -143,7 +145,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 NUM_IMAGES, BATCH = 7, 2  # 4 batches: ranks get uneven shares under world size 2 only by images (2+2 / 2+1)
 
 
-def make_batches() -> list[dict]:
+def make_batches() -> list[Batch]:
     """Collated eval batches (the data interface) of random images of varied sizes; ids 1000, 1001, ..."""
     g = torch.Generator().manual_seed(3)
     batches = []
@@ -164,21 +166,17 @@ def make_batches() -> list[dict]:
             }
             for i, (h, w) in zip(ids, sizes, strict=True)
         ]
-        batches.append(
-            {"images": images, "image_sizes": sizes, "meta": meta, "stats": {"read": len(ids), "bad": {}}}
-        )
+        batches.append(Batch(images, sizes, meta=meta, stats={"read": len(ids), "bad": {}}))
     return batches
 
 
-def predict_batches(model: TICOD, batches: list[dict]) -> list[list[dict]]:
+def predict_batches(model: TICOD, batches: list[Batch]) -> list[list[dict]]:
     """The model's records of each batch, in this process (the reference)."""
     with torch.no_grad():
         return [
             to_records(
-                model(
-                    b["images"], image_sizes=b["image_sizes"], orig_sizes=[m["orig_size"] for m in b["meta"]]
-                ),
-                b["meta"],
+                model(b.images, image_sizes=b.image_sizes, orig_sizes=[m["orig_size"] for m in b.meta]),
+                b.meta,
                 word_tokenizer(),
             )
             for b in batches

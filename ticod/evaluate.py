@@ -46,6 +46,7 @@ from ticod.metrics.per_class import table as per_class_table
 from ticod.visualize import draw_predictions
 
 if TYPE_CHECKING:
+    from ticod.data.samples import Batch
     from ticod.tracker import Tracker
 
 log = logging.getLogger("ticod")
@@ -153,7 +154,7 @@ class _Lockstep:
     step (a stand-in) before the next all-reduce; the prediction loop does (:func:`_predict`).
     """
 
-    def __init__(self, batches: Iterable[dict[str, Any]], device: torch.device) -> None:
+    def __init__(self, batches: Iterable[Batch], device: torch.device) -> None:
         self.batches, self.device = batches, device
         self.error: Exception | None = None
 
@@ -162,11 +163,11 @@ class _Lockstep:
         if self.error is None:
             self.error = error
 
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+    def __iter__(self) -> Iterator[Batch | None]:
         it = iter(self.batches)
         exhausted = False
         while True:
-            batch: dict[str, Any] | None = None
+            batch: Batch | None = None
             if not exhausted and self.error is None:
                 try:
                     batch = next(it, None)
@@ -223,7 +224,7 @@ def _on_rank0(work: Callable[[], Any], rank: int, *, share_result: bool) -> Any:
 # ---------------------------------------------------------------------------------------- loop
 def _predict(
     model: torch.nn.Module,
-    loader: Iterable[dict[str, Any]],
+    loader: Iterable[Batch],
     tokenizer: Any,
     device: torch.device,
     num_samples: int,
@@ -245,24 +246,24 @@ def _predict(
         for batch in steps if steps is not None else loader:
             forwarded = False  # this step's model forward was started (a collective with ZeRO-3)
             try:
-                stats = batch.get("stats", {}) if batch else {}
+                stats = batch.stats if batch is not None else {}
                 read += int(stats.get("read", 0))
                 bad += sum(int(n) for n in stats.get("bad", {}).values())
-                meta = batch["meta"] if batch else []
+                meta = batch.meta if batch is not None else []
                 if not meta:
                     if synced:
                         forwarded = True
                         model(dummy)
                     continue
-                images = batch["images"].to(device, non_blocking=True)
-                image_sizes, orig_sizes = batch["image_sizes"], [tuple(m["orig_size"]) for m in meta]
+                images = batch.images.to(device, non_blocking=True)
+                image_sizes, orig_sizes = batch.image_sizes, [tuple(m["orig_size"]) for m in meta]
                 forwarded = True
                 outputs = model(images, image_sizes=image_sizes, orig_sizes=orig_sizes)
                 new = to_records(outputs, meta, tokenizer)
                 records += new
                 for i in range(min(len(new), num_samples - len(samples))):
-                    h, w = batch["image_sizes"][i]
-                    samples.append((batch["images"][i, :, :h, :w].cpu(), meta[i], new[i]))
+                    h, w = batch.image_sizes[i]
+                    samples.append((batch.images[i, :, :h, :w].cpu(), meta[i], new[i]))
             except Exception as e:
                 if steps is None:
                     raise
@@ -366,7 +367,7 @@ def write_outputs(
 
 def evaluate(
     model: torch.nn.Module,
-    loader: Iterable[dict[str, Any]],
+    loader: Iterable[Batch],
     *,
     gt: GroundTruth,
     category_ids: Sequence[int | None],

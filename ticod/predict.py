@@ -23,6 +23,7 @@ from PIL import Image
 
 from ticod.config import ConfigError, DataConfig
 from ticod.data.coco import label_categories
+from ticod.data.samples import Batch
 from ticod.data.transforms import decode_rgb, resize, to_uint8_tensor
 from ticod.visualize import draw_predictions
 
@@ -65,8 +66,8 @@ def load_image(path: Path) -> Image.Image:
     return decode_rgb(path.read_bytes())
 
 
-def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Decoded images -> a batch as the eval pipeline makes it, and each image's (h, w) after resizing.
+def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> Batch:
+    """Decoded images -> a batch of images alone as the eval pipeline makes it (images, image_sizes).
 
     The eval sample path (``ticod.data.samples.SampleProcessor`` without flip): ``resize`` to the short
     side ``test_min_size`` (long side at most ``max_size``), uint8 pixels, zero-padded bottom/right.
@@ -76,12 +77,12 @@ def preprocess(images: Sequence[Image.Image], cfg: DataConfig) -> tuple[torch.Te
         image, _ = resize(image.convert("RGB"), torch.zeros(0, 4), cfg.test_min_size, cfg.max_size)
         resized.append(to_uint8_tensor(image))
     sizes = [(int(x.shape[1]), int(x.shape[2])) for x in resized]
-    batch = torch.zeros(
+    pixels = torch.zeros(
         len(resized), 3, max(h for h, _ in sizes), max(w for _, w in sizes), dtype=torch.uint8
     )
     for i, x in enumerate(resized):
-        batch[i, :, : x.shape[1], : x.shape[2]] = x
-    return batch, sizes
+        pixels[i, :, : x.shape[1], : x.shape[2]] = x
+    return Batch(pixels, sizes)
 
 
 def image_record(
@@ -156,10 +157,10 @@ def predict(
     model.eval()
     for chunk in batched(list(zip(paths, names, strict=True)), batch_size):
         images = [load_image(p) for p, _ in chunk]
-        batch, sizes = preprocess(images, data_cfg)
+        batch = preprocess(images, data_cfg)
         orig = [(im.height, im.width) for im in images]
         with torch.no_grad():
-            outputs = model(batch.to(device), image_sizes=sizes, orig_sizes=orig)
+            outputs = model(batch.images.to(device), image_sizes=batch.image_sizes, orig_sizes=orig)
         for (path, name), image, size, output in zip(chunk, images, orig, outputs, strict=True):
             record = image_record(path, size, output, category_ids, category_names, score_threshold)
             (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))

@@ -25,6 +25,7 @@ from ticod import distributed, startup
 from ticod import engine as engine_lib
 from ticod.budget import Plan, resolve_plan
 from ticod.config import Config, ConfigError, Task, load_config, to_dict, to_yaml
+from ticod.data.samples import Batch
 from ticod.data.spec import resolve_data
 from ticod.data.train_stream import build_train_loader
 from ticod.data_wait import DataWaitWatch
@@ -201,16 +202,16 @@ def train(
                 units = StepUnits(local, micro_batches=world_size * accum)
         batch = pending.popleft()
         if state.batches == first_batch:
-            startup.mark("first batch", seek_s=batch.get("seek_s"))
+            startup.mark("first batch", seek_s=batch.seek_s)
         state.batches += 1
-        window.add_stats(batch.get("stats", {}))
+        window.add_stats(batch.stats)
         boundary = engine.is_gradient_accumulation_boundary()
         # This micro-batch completes a step that gets logged (the step count rises below).
         log_now = boundary and is_log_step(cfg, state.step + 1, steps)
         if log_now:  # before engine.step() moves the schedule on: the lrs this step applies
             window.lrs = step_lrs(engine.optimizer)
         losses, grad_norm, stop = forward_backward(
-            run, to_device(batch, device), log_now, preemption.requested, units
+            run, batch.to(device), log_now, preemption.requested, units
         )
         if losses is None:  # non-finite loss: every rank skipped this micro-batch
             consecutive_nonfinite += 1
@@ -218,7 +219,7 @@ def train(
             continue
         consecutive_nonfinite, done = 0, done + 1
         window.grad_norm = grad_norm
-        window.add_losses(losses, len(batch["image_sizes"]), tasks_present(batch))
+        window.add_losses(losses, len(batch.image_sizes), tasks_present(batch))
         if not boundary:
             continue
 
@@ -344,19 +345,19 @@ class StepUnits:
     micro_batches: int = 1
 
 
-def batch_units(batch: dict) -> torch.Tensor:
+def batch_units(batch: Batch) -> torch.Tensor:
     """:func:`ticod.models.ticod.label_units` of a collated batch (no host read)."""
     return label_units(
-        len(batch["image_sizes"]),
-        batch["captions"].get("attention_mask"),
-        batch.get("has_boxes"),
-        batch.get("has_caption"),
+        len(batch.image_sizes),
+        batch.captions.get("attention_mask"),
+        batch.has_boxes,
+        batch.has_caption,
     )
 
 
-def tasks_present(batch: dict) -> tuple[bool, bool]:
+def tasks_present(batch: Batch) -> tuple[bool, bool]:
     """(any image labelled for boxes, any with a caption) of a batch, as the model decides it."""
-    return labelled_tasks(batch.get("has_boxes"), batch.get("has_caption"))
+    return labelled_tasks(batch.has_boxes, batch.has_caption)
 
 
 def step_loss(losses: dict[str, torch.Tensor], here: torch.Tensor, units: StepUnits) -> torch.Tensor:
@@ -380,7 +381,7 @@ TERM_KEYS = ("term_det", "term_cap")
 
 
 def forward_backward(
-    run: Run, batch: dict, log_now: bool, stop_requested: bool, units: StepUnits | None = None
+    run: Run, batch: Batch, log_now: bool, stop_requested: bool, units: StepUnits | None = None
 ) -> tuple[dict[str, torch.Tensor] | None, float | None, bool]:
     """Forward, backward and optimizer step of one micro-batch: (losses, grad norm, stop), losses None
     when the loss was non-finite on any rank (nothing else done then). ``stop``: whether any rank was asked
@@ -393,13 +394,13 @@ def forward_backward(
     if units is None:
         units = StepUnits(here, micro_batches=distributed.world_size())
     losses = engine(
-        batch["images"],
-        targets=batch["targets"] if cfg.loss.task != Task.caption else None,
-        captions=batch["captions"] if cfg.loss.task != Task.detection else None,
-        image_sizes=batch["image_sizes"],
-        # Partially labelled data: per-image Python bools (absent: every image has boxes and a caption).
-        has_boxes=batch.get("has_boxes"),
-        has_caption=batch.get("has_caption"),
+        batch.images,
+        targets=batch.targets if cfg.loss.task != Task.caption else None,
+        captions=batch.captions if cfg.loss.task != Task.detection else None,
+        image_sizes=batch.image_sizes,
+        # Partially labelled data: per-image Python bools (None: every image has boxes and a caption).
+        has_boxes=batch.has_boxes,
+        has_caption=batch.has_caption,
     )
     loss = poison_loss(cfg.faults, state.batches, losses["loss"])  # faults.nan_loss_at_steps
     finite, stop, written, total = step_flags(
@@ -523,14 +524,6 @@ def step_flags(
     distributed.all_reduce_(flags)
     nonfinite, stop, in_flight, failed, *total = flags.tolist()
     return nonfinite == 0, stop > 0, 2 if failed else 1 if in_flight else 0, total
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = dict(batch)
-    out["images"] = batch["images"].to(device, non_blocking=True)
-    out["targets"] = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-    out["captions"] = {k: v.to(device, non_blocking=True) for k, v in batch["captions"].items()}
-    return out
 
 
 def seed_everything(seed: int) -> None:

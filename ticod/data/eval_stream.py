@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ticod.config import DataConfig
 from ticod.data.loader import data_loader, worker_slot
-from ticod.data.samples import Batcher, SampleProcessor, StreamStats, process_all
+from ticod.data.samples import Batch, Batcher, SampleProcessor, StreamStats, process_all
 from ticod.data.shard_reader import Shard, read_range, split_shards
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class _EvalStream(IterableDataset):
         self,
         shards: list[Shard],
         process: SampleProcessor,
-        batch: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]],
+        batch: Callable[[list[dict[str, Any]], dict[str, Any]], Batch],
         *,
         batch_size: int,
         rank: int,
@@ -66,7 +66,7 @@ class _EvalStream(IterableDataset):
             max_samples,
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         worker, workers = worker_slot()
         stats = StreamStats()
         share = eval_share(
@@ -91,7 +91,7 @@ class EvalLoader:
     def __init__(self, loader: DataLoader, image_ids: list[int]) -> None:
         self.loader, self.image_ids = loader, image_ids
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)
 
 

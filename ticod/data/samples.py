@@ -22,7 +22,8 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -220,10 +221,66 @@ class SampleProcessor:
         }
 
 
+@dataclass
+class Batch:
+    """A batch of B images as the streams hand it out (:func:`collate` makes it in the loader worker), the
+    training loop (``ticod.train``), evaluation (``ticod.evaluate``) and the grounding metric consume it.
+
+    The model takes its fields, never the batch (model code does not import data code). Fields that only a
+    consumer of training batches needs have defaults, so a batch of images alone (prediction, tests) is
+    ``Batch(images, image_sizes)``.
+    """
+
+    # (B, 3, H, W) uint8 pixels, zero-padded bottom/right to the largest image; the model normalises them
+    # on its device (``TICOD.normalize``).
+    images: torch.Tensor
+    # Each image's (h, w) after resizing, before the padding.
+    image_sizes: list[tuple[int, int]]
+    # Per image: "boxes" (N, 4) float32 xyxy in the resized image's pixels, "labels" (N,) int64 in 1..K
+    # and, in a mix whose sources annotate only some classes, "classes" (K + 1,) bool with background (the
+    # classes its source annotates).
+    targets: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # "input_ids" and "attention_mask", (B, T) int64: each image's caption tokenised (training: one drawn
+    # from its captions; evaluation: its first; "" when it has none), padded right.
+    captions: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per image, whether it is labelled for boxes / has a caption: the losses it takes part in (an image
+    # without box labels is not a negative). Plain lists: the model indexes its sub-batches with them, no
+    # device-to-host read. None: every image is labelled for both.
+    has_boxes: list[bool] | None = None
+    has_caption: list[bool] | None = None
+    # Per image (:meth:`SampleProcessor.__call__`): "source" (its source's name in a mix, else ""), "key",
+    # "image_id", "orig_size" (h, w) as decoded, "scale" (resized / original), "flipped", "captions" (all).
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    # The worker's counts since its previous batch (:meth:`StreamStats.pop`): "read", "bad" and "fixed" by
+    # reason, and "sources" (samples per source) in a mix.
+    stats: dict[str, Any] = field(default_factory=dict)
+    # Seconds the resumed train stream took to seek to its position: on its first batch only, else None.
+    seek_s: float | None = None
+
+    def _with_tensors(self, move: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A copy with ``move`` applied to every tensor (images, targets, captions); the rest shared."""
+        return replace(
+            self,
+            images=move(self.images),
+            targets=[{k: move(v) for k, v in t.items()} for t in self.targets],
+            captions={k: move(v) for k, v in self.captions.items()},
+        )
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
+        """The batch with its tensors on ``device`` (asynchronous from pinned memory unless not
+        ``non_blocking``)."""
+        return self._with_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch with its tensors in pinned memory: what the ``DataLoader`` calls with
+        ``pin_memory=True`` (an object without this method would be handed over unpinned)."""
+        return self._with_tensors(lambda t: t.pin_memory())
+
+
 def collate(
     samples: Sequence[dict[str, Any]], tokenizer: Any, max_tokens: int, stats: dict[str, Any]
-) -> dict[str, Any]:
-    """Processed samples -> the batch dict every consumer relies on (uint8 images zero-padded bottom/right).
+) -> Batch:
+    """Processed samples -> a :class:`Batch` (uint8 images zero-padded bottom/right).
 
     The per-image boxes and labels are views into one tensor each, and ``input_ids``/``attention_mask`` views
     into one: a worker hands every tensor storage to the main process separately (a shared-memory file
@@ -254,17 +311,16 @@ def collate(
             targets, torch.stack([every if m is None else m for m in masks]), strict=True
         ):
             target["classes"] = mask
-    return {
-        "images": images,
-        "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
-        "targets": targets,
-        "captions": captions,
-        # Plain lists: the model indexes its sub-batches with them, no device-to-host read.
-        "has_boxes": [bool(s["tasks"][0]) for s in samples],
-        "has_caption": [bool(s["tasks"][1]) for s in samples],
-        "meta": [s["meta"] for s in samples],
-        "stats": stats,
-    }
+    return Batch(
+        images=images,
+        image_sizes=[tuple(s["image"].shape[1:]) for s in samples],
+        targets=targets,
+        captions=captions,
+        has_boxes=[bool(s["tasks"][0]) for s in samples],
+        has_caption=[bool(s["tasks"][1]) for s in samples],
+        meta=[s["meta"] for s in samples],
+        stats=stats,
+    )
 
 
 def process_all(
@@ -296,5 +352,5 @@ class Batcher:
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
 
-    def __call__(self, samples: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]], stats: dict[str, Any]) -> Batch:
         return collate(samples, self.tokenizer, self.max_tokens, stats)

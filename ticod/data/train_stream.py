@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ticod.config import DataConfig
 from ticod.data.loader import data_loader, worker_slot
 from ticod.data.plan import StreamPlan, position_after
-from ticod.data.samples import Batcher, SampleProcessor, StreamStats, process_all
+from ticod.data.samples import Batch, Batcher, SampleProcessor, StreamStats, process_all
 from ticod.data.shard_reader import Shard, read_one, read_range, split_shards
 from ticod.data.sources import shard_weights
 from ticod.data.spec import DataSpec, resolve_data
@@ -76,7 +76,7 @@ class _TrainStream(IterableDataset):
         self,
         shards: list[Shard],
         process: SampleProcessor,
-        batch: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]],
+        batch: Callable[[list[dict[str, Any]], dict[str, Any]], Batch],
         *,
         batch_size: int,
         shuffle_buffer: int,
@@ -96,7 +96,7 @@ class _TrainStream(IterableDataset):
         # layout (world size, workers, batch size) at optimizer step `origin` draws fresh streams.
         self.key = f"{seed}:{rank}" if origin == 0 else f"{seed}@{origin}:{rank}"
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         physical, workers = worker_slot()
         # The DataLoader takes batches from its workers round-robin starting at worker 0, so the rank's
         # batch b comes from worker b % workers. A resumed loader starts at batch start_batch: its
@@ -117,7 +117,7 @@ class _TrainStream(IterableDataset):
             bucket_of = self._item_bucket()
         # Of the rank's first start_batch batches this worker made every workers-th one.
         skip = len(range(worker, self.start_batch, workers))
-        seek_s = None  # seconds the seek took, handed out with the first batch ("seek_s")
+        seek_s = None  # seconds the seek took, handed out with the first batch (Batch.seek_s)
         if skip and self.seekable:
             # Seek: the position after `skip` groups follows from the draws; read only the samples the
             # shuffle buffer and the grouping hold there (their stats were counted before the resume).
@@ -145,7 +145,7 @@ class _TrainStream(IterableDataset):
             if good:  # an all-bad group (practically never) makes no batch; its stats go with the next
                 batch = self.batch(good, stats.pop())
                 if seek_s is not None:
-                    batch["seek_s"], seek_s = seek_s, None
+                    batch.seek_s, seek_s = seek_s, None
                 yield batch
 
     @property

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ticod.models.ticod import TICOD
 
+if TYPE_CHECKING:
+    from ticod.data.samples import Batch
+
 
 @torch.no_grad()
-def grounding_gap(model: TICOD, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+def grounding_gap(model: TICOD, batches: Iterable[Batch]) -> dict[str, float]:
     """Mean teacher-forced caption loss of ``batches`` (training batches of >= 2 images) with each image's
     own features ("caption_loss") and with its neighbour's in the batch ("grounding_gap": rolled minus own).
     """
@@ -31,11 +34,11 @@ def grounding_gap(model: TICOD, batches: Iterable[dict[str, Any]]) -> dict[str, 
     own, gaps = [], []
     try:
         for batch in batches:
-            images = batch["images"]
+            images = batch.images
             if images.shape[0] < 2:
                 raise ValueError("grounding_gap needs batches of at least 2 images")
-            maps, sizes, shape = model.caption_memory(images, batch["image_sizes"])
-            ids, mask = batch["captions"]["input_ids"], batch["captions"]["attention_mask"]
+            maps, sizes, shape = model.caption_memory(images, batch.image_sizes)
+            ids, mask = batch.captions["input_ids"], batch.captions["attention_mask"]
             loss = model.captioner(maps, sizes, shape, ids, mask)
             other = [*range(1, len(sizes)), 0]
             swapped = model.captioner([m[other] for m in maps], [sizes[i] for i in other], shape, ids, mask)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[1:1] = [str(ROOT), str(ROOT / "tools")]  # run as a script from a checkout (ticod, make_demo_coco)
 
 from ticod.config import Config, Precision, load_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from ticod.data.samples import Batch
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 COCO_SAMPLE = ROOT.parent / "shared" / "coco_sample"  # 80 real COCO train2017 images (the team's share)
@@ -417,21 +420,13 @@ def model_vocab(cfg: Config, tokenizer: Any) -> int:
     return len(tokenizer)
 
 
-def fixed_batches(cfg: Config, tokenizer: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def fixed_batches(cfg: Config, tokenizer: Any, n: int, seed: int = 0) -> list[Batch]:
     """The first ``n`` training batches of the shards (same for every side of a benchmark)."""
     from ticod.data.train_stream import build_train_loader
 
     loader = build_train_loader(cfg.data, tokenizer, rank=0, world_size=1, seed=seed)
     it = iter(loader)
     return [next(it) for _ in range(n)]
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = dict(batch)
-    out["images"] = batch["images"].to(device)
-    out["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    out["captions"] = {k: v.to(device) for k, v in batch["captions"].items()}
-    return out
 
 
 def mib(n: float) -> float:

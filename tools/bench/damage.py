@@ -81,9 +81,9 @@ def tally(batches: Any) -> tuple[int, int, Counter]:
     images = read = 0
     bad: Counter = Counter()
     for b in batches:
-        images += len(b["meta"])
-        read += b["stats"]["read"]
-        bad.update(b["stats"]["bad"])
+        images += len(b.meta)
+        read += b.stats["read"]
+        bad.update(b.stats["bad"])
     return images, read, bad
 
 

@@ -101,7 +101,7 @@ def one_evaluation(
             load_ground_truth("", "", str(shards), cfg.data.val_split)
             parts["ground truth"] = counter.total.value - before
         for batch in build_eval_loader(cfg.data, tokenizer, rank=rank, world_size=args.ranks):
-            seen += [int(m["image_id"]) for m in batch["meta"]]
+            seen += [int(m["image_id"]) for m in batch.meta]
     parts["loaders"] = counter.total.value - parts["ground truth"]
     return float(counter.total.value)
 

@@ -29,7 +29,6 @@ from common import (
     model_vocab,
     setup,
     timed,
-    to_device,
     workdir,
 )
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = args.data or make_demo_data(tmp, args.images)[1]
         cfg = bench_config(args, shards, "loss.task=caption", "model.captioner.use_fpn_levels=false")
         tok = load_tokenizer(f"{shards}/tokenizer")
-        batches = [to_device(b, device) for b in fixed_batches(cfg, tok, args.batches, args.seed)]
+        batches = [b.to(device, non_blocking=False) for b in fixed_batches(cfg, tok, args.batches, args.seed)]
     torch.manual_seed(args.seed)
     model = TICOD(
         cfg.model, cfg.loss, model_vocab(cfg, tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = []
     with torch.no_grad(), autocast(cfg, device):
         for b in batches:
-            padded = pad_to_multiple(b["images"], model.backbone.size_divisor)
+            padded = pad_to_multiple(b.images, model.backbone.size_divisor)
             # The caption-only model reads the last backbone stage (the same maps TICOD passes).
             maps = model._memory_maps(model.backbone(padded), None)
-            inputs.append((maps, b["image_sizes"], tuple(padded.shape[-2:])))
+            inputs.append((maps, b.image_sizes, tuple(padded.shape[-2:])))
     n_images = sum(len(s) for _, s, _ in inputs)
 
     def generate(beams: int, cache: bool) -> list[torch.Tensor]:

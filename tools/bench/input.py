@@ -47,7 +47,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from ticod.data.loader import data_loader
-from ticod.data.samples import MISSING_JPEG, BadSample, SampleProcessor, StreamStats, collate
+from ticod.data.samples import MISSING_JPEG, BadSample, Batch, SampleProcessor, StreamStats, collate
 from ticod.data.shard_reader import split_shards
 from ticod.data.shards import iter_shard, read_manifest
 from ticod.data.tokenizer import encode_captions, load_tokenizer
@@ -114,7 +114,9 @@ class Collate:
     def __init__(self, tokenizer: Any, max_tokens: int, decode: bool) -> None:
         self.tokenizer, self.max_tokens, self.decode = tokenizer, max_tokens, decode
 
-    def __call__(self, samples: list[dict[str, Any]], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    def __call__(
+        self, samples: list[dict[str, Any]], stats: dict[str, Any] | None = None
+    ) -> Batch | dict[str, Any]:
         if self.decode:
             return collate(samples, self.tokenizer, self.max_tokens, stats or {})
         # Packed into one storage per kind, as the pipeline's collate does (cheap worker -> main transfer).
@@ -195,7 +197,7 @@ def raw_shard_loader(cfg: Any, tokenizer: Any, seed: int) -> DataLoader:
     return data_loader(stream, cfg.num_workers)
 
 
-def endless(make: Callable[[], DataLoader]) -> Iterator[dict[str, Any]]:
+def endless(make: Callable[[], DataLoader]) -> Iterator[Batch | dict[str, Any]]:
     """Batches of a finite loader over and over (a new epoch when one ends)."""
     while True:
         yield from make()
@@ -214,7 +216,7 @@ def evict(paths: list[Path]) -> None:
 
 
 def loader_rate(
-    make: Callable[[], Iterator[dict[str, Any]]], warm: int, n: int, files: list[Path] | None
+    make: Callable[[], Iterator[Batch | dict[str, Any]]], warm: int, n: int, files: list[Path] | None
 ) -> Callable[[], float]:
     """images/s of batches ``warm+1 .. warm+n`` of a fresh iterator (workers started anew each pass)."""
 
@@ -226,7 +228,8 @@ def loader_rate(
             next(it)
         start, images = time.perf_counter(), 0
         for batch in itertools.islice(it, n):
-            images += len(batch["targets"])
+            # Decoded: a Batch (the shard loader, or collate over files); raw: Collate's dict of JPEG bytes.
+            images += len(batch.targets if isinstance(batch, Batch) else batch["targets"])
         rate = images / (time.perf_counter() - start)
         del it  # shuts the workers down before the next side runs
         return rate

@@ -57,12 +57,12 @@ from common import (
     peak_memory,
     setup,
     timed,
-    to_device,
     workdir,
 )
 from multitask import BackboneAlone, Side
 
 from ticod.config import Config
+from ticod.data.samples import Batch
 from ticod.data.tokenizer import load_tokenizer
 from ticod.models import TICOD
 
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def checkpointing(args: argparse.Namespace, report: Report, device: torch.device, shards: str | Path) -> None:
     cfg = bench_config(args, shards)
     tok = load_tokenizer(f"{shards}/tokenizer")
-    batches = [to_device(b, device) for b in fixed_batches(cfg, tok, args.steps, args.seed)]
+    batches = [b.to(device, non_blocking=False) for b in fixed_batches(cfg, tok, args.steps, args.seed)]
     torch.manual_seed(args.seed)
     model = TICOD(
         cfg.model, cfg.loss, model_vocab(cfg, tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -230,12 +230,10 @@ def zero_worker(args: argparse.Namespace) -> int:
     step_times = []
     engine.train()
     for step in range(args.zero_steps):
-        b = to_device(next(batches), device)
+        b = next(batches).to(device, non_blocking=False)
 
-        def train_step(b: dict[str, Any] = b, last: bool = step == args.zero_steps - 1) -> None:
-            losses = engine(
-                b["images"], targets=b["targets"], captions=b["captions"], image_sizes=b["image_sizes"]
-            )
+        def train_step(b: Batch = b, last: bool = step == args.zero_steps - 1) -> None:
+            losses = engine(b.images, targets=b.targets, captions=b.captions, image_sizes=b.image_sizes)
             engine.backward(losses["loss"])
             if last:
                 held.update(held_memory(engine))

@@ -42,13 +42,13 @@ from common import (
     peak_memory,
     setup,
     timed,
-    to_device,
     workdir,
 )
 from common import alternate as run_alternating
 from torch import nn
 
 from ticod.config import Config
+from ticod.data.samples import Batch
 from ticod.data.tokenizer import load_tokenizer
 from ticod.models import TICOD
 from ticod.models.backbone import pad_to_multiple
@@ -76,25 +76,25 @@ class Side:
         self.model = build(cfg, tok, weights).to(device)
         self.opt = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
 
-    def losses(self, b: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def losses(self, b: Batch) -> dict[str, torch.Tensor]:
         with autocast(self.cfg, self.device):
             return self.model(
-                b["images"],
-                targets=b["targets"] if self.task != "caption" else None,
-                captions=b["captions"] if self.task != "detection" else None,
-                image_sizes=b["image_sizes"],
+                b.images,
+                targets=b.targets if self.task != "caption" else None,
+                captions=b.captions if self.task != "detection" else None,
+                image_sizes=b.image_sizes,
             )
 
-    def train_step(self, b: dict[str, Any]) -> None:
+    def train_step(self, b: Batch) -> None:
         self.model.train()
         self.losses(b)["loss"].backward()
         clip_and_step(self.model, self.opt, self.cfg.optim.grad_clip)
 
     @torch.no_grad()
-    def predict(self, b: dict[str, Any]) -> list[dict[str, Any]]:
+    def predict(self, b: Batch) -> list[dict[str, Any]]:
         self.model.eval()
         with autocast(self.cfg, self.device):
-            return self.model(b["images"], image_sizes=b["image_sizes"])
+            return self.model(b.images, image_sizes=b.image_sizes)
 
 
 def build(cfg: Config, tok: Any, weights: dict[str, torch.Tensor]) -> TICOD:
@@ -119,9 +119,7 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float
 class BackboneAlone:
     """The backbone's own training work: forward, backward from fixed feature gradients, clip, AdamW."""
 
-    def __init__(
-        self, joint: TICOD, cfg: Config, batches: list[dict[str, Any]], device: torch.device
-    ) -> None:
+    def __init__(self, joint: TICOD, cfg: Config, batches: list[Batch], device: torch.device) -> None:
         self.holder = nn.Module()
         self.holder.backbone = copy.deepcopy(joint.backbone)  # named "backbone.*": backbone_lr group
         self.opt = build_optimizer(self.holder, cfg.optim, fused=device.type == "cuda")
@@ -133,19 +131,19 @@ class BackboneAlone:
             [torch.randn(f.shape, generator=gen).to(device, f.dtype) for f in fs.values()] for fs in feats
         ]
 
-    def features(self, b: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def features(self, b: Batch) -> dict[str, torch.Tensor]:
         bb = self.holder.backbone
         with autocast(self.cfg, self.device):
-            return bb(pad_to_multiple(b["images"], bb.size_divisor))
+            return bb(pad_to_multiple(b.images, bb.size_divisor))
 
-    def train_step(self, i: int, b: dict[str, Any]) -> None:
+    def train_step(self, i: int, b: Batch) -> None:
         self.holder.train()
         feats = self.features(b)
         torch.autograd.backward(list(feats.values()), self.grads[i])
         clip_and_step(self.holder, self.opt, self.cfg.optim.grad_clip)
 
 
-def consistency(sides: dict[str, Side], b: dict[str, Any]) -> dict[str, float]:
+def consistency(sides: dict[str, Side], b: Batch) -> dict[str, float]:
     """Largest differences between the joint model's outputs and the separate models' (expected 0)."""
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -177,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         shards = args.data or make_demo_data(tmp, args.images)[1]
         cfg = {t: bench_config(args, shards, f"loss.task={t}", *fixed(t)) for t in TASKS}
         tok = load_tokenizer(f"{shards}/tokenizer")
-        batches = [to_device(b, device) for b in fixed_batches(cfg["joint"], tok, args.steps, args.seed)]
+        batches = [
+            b.to(device, non_blocking=False) for b in fixed_batches(cfg["joint"], tok, args.steps, args.seed)
+        ]
     torch.manual_seed(args.seed)
     joint0 = TICOD(
         cfg["joint"].model, cfg["joint"].loss, model_vocab(cfg["joint"], tok), tok.bos_token_id, tok.eos_token_id,
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- training step time
     # One step per call, the batches in turn: rounds are short, so every side sees the same machine load.
-    def train(side: Callable[[int, dict[str, Any]], None]) -> Callable[[], float]:
+    def train(side: Callable[[int, Batch], None]) -> Callable[[], float]:
         calls = itertools.count()
 
         def run() -> float:

@@ -24,7 +24,6 @@ import itertools
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from common import (
@@ -42,6 +41,7 @@ from common import (
 
 from ticod.config import BackboneConfig
 from ticod.data.coco import load_records
+from ticod.data.samples import Batch
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer, train_caption_tokenizer
 from ticod.data.train_stream import build_train_loader
@@ -75,32 +75,32 @@ def shard_sample(coco: Path, out: Path, split: str = "train", per_shard: int = 2
 
 def batches(
     args: argparse.Namespace, shards: Path, batch: int, grouped: bool, seed: int, n: int, *extra: str
-) -> list[dict[str, Any]]:
+) -> list[Batch]:
     """The first ``n`` batches (images and sizes) of the training stream of the sharded sample."""
     group = f"data.group_by_aspect={str(grouped).lower()}"
     cfg = bench_config(args, shards, f"data.batch_size={batch}", group, *extra)
     cfg.data.tokenizer = str(shards / "tokenizer")
     loader = build_train_loader(cfg.data, load_tokenizer(cfg.data.tokenizer), rank=0, world_size=1, seed=seed)
-    return [{"images": b["images"], "image_sizes": b["image_sizes"]} for b in itertools.islice(loader, n)]
+    return [Batch(b.images, b.image_sizes) for b in itertools.islice(loader, n)]
 
 
-def padding_ratio(batches: list[dict[str, Any]], divisor: int = 1) -> float:
+def padding_ratio(batches: list[Batch], divisor: int = 1) -> float:
     canvas = real = 0
     for b in batches:
-        n, _, h, w = b["images"].shape
+        n, _, h, w = b.images.shape
         canvas += n * (-(-h // divisor) * divisor) * (-(-w // divisor) * divisor)
-        real += sum(h * w for h, w in b["image_sizes"])
+        real += sum(h * w for h, w in b.image_sizes)
     return canvas / real
 
 
-def step_seconds_per_image(backbone: SwinBackbone, batches: list[dict[str, Any]]) -> float:
+def step_seconds_per_image(backbone: SwinBackbone, batches: list[Batch]) -> float:
     """Forward + backward of the backbone over ``batches`` (normalised as the model does), s per image."""
     start = time.perf_counter()
     for b in batches:
-        x = pad_to_multiple(b["images"].float().div(255).sub(0.45).div(0.225), backbone.size_divisor)
+        x = pad_to_multiple(b.images.float().div(255).sub(0.45).div(0.225), backbone.size_divisor)
         feats = backbone(x)
         sum(f.float().mean() for f in feats.values()).backward()
-    return (time.perf_counter() - start) / sum(len(b["image_sizes"]) for b in batches)
+    return (time.perf_counter() - start) / sum(len(b.image_sizes) for b in batches)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 g: batches(args, shards, 2, g, args.seed, args.step_batches, "data.train_min_sizes=[800]")
                 for g in (False, True)
             }
-            shapes = {g: [tuple(b["images"].shape[-2:]) for b in first[g]] for g in (False, True)}
+            shapes = {g: [tuple(b.images.shape[-2:]) for b in first[g]] for g in (False, True)}
             print(f"step-time batches (H, W): plain {shapes[False]}, grouped {shapes[True]}")
             sides = {
                 "plain": lambda: step_seconds_per_image(backbone, first[False]),

@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> int:
         )
     )
     t2 = time.perf_counter()
-    print(json.dumps({"imports_s": t1 - t0, "loader_s": t2 - t1, "images": len(batch["image_sizes"])}))
+    print(json.dumps({"imports_s": t1 - t0, "loader_s": t2 - t1, "images": len(batch.image_sizes)}))
     return 0
 
 

@@ -28,7 +28,6 @@ from common import (
     make_demo_data,
     setup,
     timed,
-    to_device,
     workdir,
 )
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = args.data or make_demo_data(tmp, args.images)[1]
         cfg = bench_config(args, shards, "loss.task=joint")
         tok = build_tokenizer(cfg.data)
-        batches = [to_device(b, device) for b in fixed_batches(cfg, tok, args.steps, args.seed)]
+        batches = [b.to(device, non_blocking=False) for b in fixed_batches(cfg, tok, args.steps, args.seed)]
     torch.manual_seed(args.seed)
     ours = build_model(cfg, tok).to(device).train()
     theirs = copy.deepcopy(ours)
@@ -81,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     # One stage's RoIs on the FPN maps of the first batch: the proposals the RPN keeps, as in training.
     b = batches[0]
     with torch.no_grad():
-        padded = pad_to_multiple(ours.normalize(b["images"], b["image_sizes"]), ours.backbone.size_divisor)
+        padded = pad_to_multiple(ours.normalize(b.images, b.image_sizes), ours.backbone.size_divisor)
         fpn = ours.detector.fpn(ours.backbone(padded))
-    sizes = b["image_sizes"]
+    sizes = b.image_sizes
     g = torch.Generator().manual_seed(args.seed)
     boxes = []
     for h, w in sizes:
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def steps() -> None:
             for batch in batches:
-                loss = model(batch["images"], batch["targets"], batch["captions"], batch["image_sizes"])[
-                    "loss"
-                ]
+                loss = model(batch.images, batch.targets, batch.captions, batch.image_sizes)["loss"]
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

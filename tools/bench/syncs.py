@@ -88,7 +88,7 @@ class SyncCounter:
         wrapped = {name: self._wrap(name) for name in READS}
         forward_backward, finish = train_mod.forward_backward, train_mod.finish
 
-        def counted_forward_backward(run: Any, batch: dict, log_now: bool, *args: Any) -> Any:
+        def counted_forward_backward(run: Any, batch: Any, log_now: bool, *args: Any) -> Any:
             self.active = True
             self.micro.append({"log": log_now, "reads": Counter()})
             return forward_backward(run, batch, log_now, *args)

@@ -42,11 +42,11 @@ from common import (
     setup,
     sync,
     timed,
-    to_device,
     workdir,
 )
 
 from ticod import engine as engine_lib
+from ticod.data.samples import Batch
 from ticod.data.tokenizer import load_tokenizer
 from ticod.distributed import backend_for, world_info_from_env
 from ticod.models import TICOD
@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         shards = args.data or make_demo_data(tmp, args.images)[1]
         cfg = bench_config(args, shards, f"max_steps={10_000}", "optim.warmup_steps=1")
         tok = load_tokenizer(f"{shards}/tokenizer")
-        batches = [to_device(b, device) for b in fixed_batches(cfg, tok, args.steps, args.seed + info.rank)]
+        batches = [
+            b.to(device, non_blocking=False)
+            for b in fixed_batches(cfg, tok, args.steps, args.seed + info.rank)
+        ]
     torch.manual_seed(args.seed)
     model = TICOD(
         cfg.model, cfg.loss, model_vocab(cfg, tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -95,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fwd_bwd() -> None:
         with autocast(cfg, device):
-            losses = model(
-                b["images"], targets=b["targets"], captions=b["captions"], image_sizes=b["image_sizes"]
-            )
+            losses = model(b.images, targets=b.targets, captions=b.captions, image_sizes=b.image_sizes)
         losses["loss"].backward()
 
     flops = [count_flops(fwd_bwd) for b in batches]
@@ -109,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_lib.build_engine(model, cfg, info.world_size)
     engine.train()
 
-    def step(b: dict[str, Any]) -> None:
-        losses = engine(
-            b["images"], targets=b["targets"], captions=b["captions"], image_sizes=b["image_sizes"]
-        )
+    def step(b: Batch) -> None:
+        losses = engine(b.images, targets=b.targets, captions=b.captions, image_sizes=b.image_sizes)
         engine.backward(losses["loss"])
         engine.step()
 

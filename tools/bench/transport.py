@@ -46,7 +46,7 @@ from common import (
 from padding import shard_sample
 
 from ticod.data.loader import data_loader
-from ticod.data.samples import Batcher
+from ticod.data.samples import Batch, Batcher
 from ticod.data.tokenizer import load_tokenizer
 from ticod.data.train_stream import build_train_loader
 from ticod.models.ticod import normalize_pixels
@@ -70,9 +70,9 @@ class FloatBatcher(Batcher):
         super().__init__(tokenizer, max_tokens)
         self.mean, self.std = mean, std
 
-    def __call__(self, samples: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict[str, Any]], stats: dict[str, Any]) -> Batch:
         batch = super().__call__(samples, stats)
-        batch["images"] = normalize_pixels(batch["images"], batch["image_sizes"], self.mean, self.std)
+        batch.images = normalize_pixels(batch.images, batch.image_sizes, self.mean, self.std)
         return batch
 
 
@@ -84,12 +84,12 @@ def float_loader(cfg: Any, tokenizer: Any, mean: torch.Tensor, std: torch.Tensor
     return data_loader(stream, cfg.num_workers)
 
 
-def batch_bytes(batch: dict[str, Any]) -> tuple[int, int]:
+def batch_bytes(batch: Batch) -> tuple[int, int]:
     """(bytes of every tensor of the batch, bytes of its images)."""
-    tensors = [batch["images"], *batch["captions"].values()]
-    tensors += [t for target in batch["targets"] for t in target.values()]
+    tensors = [batch.images, *batch.captions.values()]
+    tensors += [t for target in batch.targets for t in target.values()]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values()), batch["images"].untyped_storage().nbytes()
+    return sum(storages.values()), batch.images.untyped_storage().nbytes()
 
 
 def loader_rate(
@@ -103,10 +103,10 @@ def loader_rate(
             next(it)
         start, images = time.perf_counter(), 0
         for batch in itertools.islice(it, n):
-            x = batch["images"].to(device, non_blocking=True)
+            x = batch.images.to(device, non_blocking=True)
             if prepare is not None:
                 prepare({**batch, "images": x})
-            images += len(batch["image_sizes"])
+            images += len(batch.image_sizes)
         sync(device)
         rate = images / (time.perf_counter() - start)
         del it  # shuts the workers down before the next side runs
@@ -133,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         def float32() -> Any:
             return float_loader(cfg, tok, mean, std, args.seed)
 
-        def normalise(batch: dict[str, Any]) -> torch.Tensor:
-            return normalize_pixels(batch["images"], batch["image_sizes"], dev_mean, dev_std)
+        def normalise(batch: Batch) -> torch.Tensor:
+            return normalize_pixels(batch.images, batch.image_sizes, dev_mean, dev_std)
 
         sizes = {}
         for name, make in (("uint8", uint8), ("float32", float32)):
             got = list(itertools.islice(make(), args.batches))
-            n = sum(len(b["image_sizes"]) for b in got)
+            n = sum(len(b.image_sizes) for b in got)
             totals = [batch_bytes(b) for b in got]
             sizes[name] = (sum(t for t, _ in totals) / n, sum(i for _, i in totals) / n)
             print(

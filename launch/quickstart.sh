@@ -15,7 +15,7 @@ DEMO="${TICOD_DEMO_DIR:-demo_data}"
 RUN="${TICOD_RUN_DIR:-runs/demo}"
 
 set -x
-python tools/make_demo_coco.py --out "$DEMO/coco" --train 600 --val 100 --seed 0
+python tools/make_demo_coco.py --out "$DEMO/coco" --train 1800 --val 100 --seed 0
 python tools/shard_coco.py --images "$DEMO/coco/train" --instances "$DEMO/coco/annotations/instances_train.json" \
   --captions "$DEMO/coco/annotations/captions_train.json" --out "$DEMO/shards" --split train \
   --samples-per-shard 100 --workers 2 --train-tokenizer 1000 --overwrite

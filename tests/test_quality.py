@@ -2,9 +2,10 @@
 
 The machinery tests (exact resume, collectives, faults) cannot see a model that trains without error but
 learns less: the quickstart's captioner once fell back on a few sentences for every image (issue 24) while
-every test passed. Here the demo model trains for a short budget on the quickstart's data (600 rendered
-images, 2 CPU ranks under the deepspeed launcher, as ``launch/quickstart.sh``) and its val metrics must
-clear floors:
+every test passed. Here the demo model trains for a short budget on the demo data (600 rendered train
+images: the quickstart's set before it grew to 1800, the one the floors and the regressed code's failure
+were measured on; 2 CPU ranks under the deepspeed launcher, as ``launch/quickstart.sh``) and its val
+metrics must clear floors:
 
 * joint: box AP, CIDEr, BERTScore-F1 (offline all-MiniLM-L6-v2), the number of distinct captions and the
   grounding gap (``ticod/metrics/grounding.py``: how much the caption loss depends on the right image);
@@ -49,7 +50,7 @@ FLOORS: dict[str, dict[str, float]] = {
 
 @pytest.fixture(scope="module")
 def quickstart_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quickstart's demo data: 600 train + 100 val images (seed 0), shards and a 1000-token BPE."""
+    """The demo data at 600 train + 100 val images (seed 0), shards and a 1000-token BPE, as the quickstart's."""
     root = tmp_path_factory.mktemp("quality")
     load_tool("make_demo_coco").make_demo_coco(root / "coco", 600, 100, 0)
     return shard_demo_coco(root / "coco", root / "shards", {"train": 100, "val": 25}, 1000)

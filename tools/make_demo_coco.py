@@ -1,6 +1,6 @@
 """Write a small, learnable demo dataset of coloured shapes in the exact MS-COCO layout.
 
-``python tools/make_demo_coco.py --out DIR --train 600 --val 100 --seed 0 [--min-size 96 --max-size 192]``
+``python tools/make_demo_coco.py --out DIR --train 1800 --val 100 --seed 0 [--min-size 96 --max-size 192]``
 writes ``DIR/{train,val}/<id>.jpg`` and ``DIR/annotations/{instances,captions}_{train,val}.json`` with the
 official COCO keys. Each image has 0-4 large shapes (6 categories with NON-contiguous ids, so that
 id <-> label mapping bugs show) in 5 colours on a plain, gradient or noisy background, a few crowd
@@ -356,7 +356,7 @@ def polygon_area(flat: list[float]) -> float:
 
 def make_demo_coco(
     out: str | Path,
-    n_train: int = 600,
+    n_train: int = 1800,
     n_val: int = 100,
     seed: int = 0,
     min_size: int = 96,
@@ -378,7 +378,7 @@ def make_demo_coco(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="dataset root (train/, val/, annotations/)")
-    p.add_argument("--train", type=int, default=600, help="number of train images")
+    p.add_argument("--train", type=int, default=1800, help="number of train images")
     p.add_argument("--val", type=int, default=100, help="number of val images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-size", type=int, default=96, help="smallest image side in pixels")

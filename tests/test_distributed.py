@@ -327,19 +327,25 @@ def _agree_worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on Linux")
-def test_should_stop_agrees_across_ranks() -> None:
+def run_two_ranks(worker) -> list:
+    """Run ``worker(rank, port, queue)`` on two spawned gloo ranks; what they put on the queue, sorted."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = D.free_port()
-    procs = [ctx.Process(target=_agree_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on Linux")
+def test_should_stop_agrees_across_ranks() -> None:
+    results = run_two_ranks(_agree_worker)
     # Both ranks stop at the same check although only rank 1 was signalled.
     assert results == [(0, False, True, False), (1, False, True, True)]
 
@@ -378,16 +384,7 @@ def _collectives_worker(rank: int, port: int, queue) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on Linux")
 def test_collectives_of_two_ranks() -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = D.free_port()
-    procs = [ctx.Process(target=_collectives_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_two_ranks(_collectives_worker)
     for rank, got, up_after_destroy in results:
         assert got["who"] == (rank, 2, rank == 0, True) and not up_after_destroy
         assert got["reduced"] == {"sum": 3.0, "max": 2.0, "min": 1.0}

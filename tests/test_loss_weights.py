@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_model import BOS, EOS, VOCAB, tiny_config
+from tiny_model import BOS, EOS, VOCAB, batch_losses, tiny_config
 
 from ticod.checkpoint import Checkpointer
 from ticod.data.samples import Batch
@@ -101,17 +101,6 @@ def build_model() -> TICOD:
     return TICOD(cfg.model, cfg.loss, VOCAB, BOS, EOS, EOS)
 
 
-def losses_of(model: TICOD, b: Batch) -> dict[str, torch.Tensor]:
-    return model(
-        b.images,
-        b.targets,
-        b.captions,
-        image_sizes=b.image_sizes,
-        has_boxes=b.has_boxes,
-        has_caption=b.has_caption,
-    )
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,7 +138,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             assert out is not None
         # The weighting before the fix (the same weights: lr 1e-30): each micro-batch's mean losses.
         for b in batches:
-            engine.backward(losses_of(engine, b)["loss"])
+            engine.backward(batch_losses(engine, b)["loss"])
             engine.step()
         torch.save({"grads": grads, "total": units.total}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -176,7 +165,7 @@ def test_two_ranks_two_micro_batches_give_the_gradient_of_one_process_over_the_s
     assert results[0]["total"] == results[1]["total"] == [5.0, float(sum(len(c) + 1 for c in captioned))]
 
     model = build_model().train()
-    losses_of(model, make_batch(list(range(len(IMAGES)))))["loss"].backward()
+    batch_losses(model, make_batch(list(range(len(IMAGES)))))["loss"].backward()
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     new, old = (results[0]["grads"][i] for i in (0, 1))
     assert max_deviation(results[1]["grads"][0], new) == 0.0  # the ranks agree (all-reduced)
@@ -194,11 +183,11 @@ def test_each_labelled_image_and_caption_token_weighs_the_same_in_a_mixed_step()
     model = build_model().train()
     a, c, b, d = 0, 1, 5, 6
     steps = [[a, c], [b, d]]
-    single = {i: losses_of(model, make_batch([i])) for i in (a, b, d, c)}
+    single = {i: batch_losses(model, make_batch([i])) for i in (a, b, d, c)}
     det = {i: float(single[i]["loss_det"]) for i in (a, b, d)}
     tokens = {i: float(batch_units(make_batch([i]))[1]) for i in (a, c, b, d)}
     cap_sum = {i: float(single[i]["loss_cap"]) * tokens[i] for i in (a, c, b, d)}
-    with_c = float(losses_of(model, make_batch([a, c]))["loss_det"])
+    with_c = float(batch_losses(model, make_batch([a, c]))["loss_det"])
     print(f"loss_det of [A]: {det[a]:.6f}, of [A, C (captions only)]: {with_c:.6f}")
     assert with_c == pytest.approx(det[a], rel=1e-6)  # C adds no detection loss and does not dilute A's
 
@@ -207,7 +196,7 @@ def test_each_labelled_image_and_caption_token_weighs_the_same_in_a_mixed_step()
     units = StepUnits(total=torch.stack(here).sum(dim=0).tolist(), micro_batches=len(steps))
     det_new = det_old = cap_new = cap_old = 0.0
     for bt, units_here in zip(batches, here, strict=True):
-        out = losses_of(model, bt)
+        out = batch_losses(model, bt)
         # DeepSpeed's mean over the step's micro-batches, of the normalised (new) and plain (old) losses.
         det_new += float(step_loss({"loss": out["term_det"], "term_det": out["term_det"]}, units_here, units))
         cap_new += float(step_loss({"loss": out["loss_cap"], "term_cap": out["loss_cap"]}, units_here, units))

@@ -14,6 +14,7 @@ from tiny_model import (
     EOS,
     NUM_CLASSES,
     batch,
+    batch_losses,
     build,
     partially_labelled,
     word_tokenizer,
@@ -199,14 +200,7 @@ def rows(b: Batch, keep: list[int]) -> Batch:
 
 def partial_losses(model: TICOD, b: Batch, seed: int = 7) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)  # the RPN/RoI samplers draw random RoIs
-    return model.train()(
-        b.images,
-        b.targets,
-        b.captions,
-        image_sizes=b.image_sizes,
-        has_boxes=b.has_boxes,
-        has_caption=b.has_caption,
-    )
+    return batch_losses(model.train(), b)
 
 
 def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:

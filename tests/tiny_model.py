@@ -126,6 +126,18 @@ def batch(with_boxes: bool = True) -> Batch:
     return Batch(images, sizes, targets, captions)
 
 
+def batch_losses(model: torch.nn.Module, b: Batch) -> dict[str, torch.Tensor]:
+    """The losses ``model`` (a TICOD, or an engine wrapping one) computes for a training batch."""
+    return model(
+        b.images,
+        b.targets,
+        b.captions,
+        image_sizes=b.image_sizes,
+        has_boxes=b.has_boxes,
+        has_caption=b.has_caption,
+    )
+
+
 def partially_labelled(b: Batch, has_boxes: list[bool], has_caption: list[bool]) -> Batch:
     """``b`` as the data pipeline delivers partial labels: an empty target where an image has no boxes
     labelled, the tokenised "" caption (BOS EOS) where it has no caption, and the flags."""

@@ -12,7 +12,7 @@ AP ≥ 0.80, CIDEr spread ≤ 0.15). Writes ``OUT/quality.json``; ``--update-bas
 into the baseline file instead (after a change that is meant to move them: say so in its note).
 
 The training is deterministic on one machine; float rounding differs between CPU models, so compare with a
-baseline from the same machine type (the file names it). About 5 min per seed on 2 Xeon cores.
+baseline from the same machine type (the file names it). About 7 min per seed on 2 cores.
 """
 
 from __future__ import annotations

@@ -148,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args(argv)
 
+    # OUT's data and finished seeds are reused: never those of another demo set size.
+    size_file = args.out / "train_images.txt"
+    if size_file.is_file() and int(size_file.read_text()) != args.train_images:
+        raise SystemExit(
+            f"{args.out} holds runs on {size_file.read_text().strip()} train images: use another --out"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    size_file.write_text(f"{args.train_images}\n")
     shards = make_data(args.out / "data", args.train_images)
     per_seed = {s: train(shards, args.out / f"seed{s}", s, args.nproc, args.overrides) for s in args.seeds}
     baseline = json.loads(args.baseline.read_text()) if args.baseline.is_file() else {"seeds": {}}

@@ -119,7 +119,9 @@ def test_zero_stages_two_ranks(zero_runs, stage, precision):
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
     """2 ranks, ZeRO-2: kill a rank after step 4, resume from the step-3 checkpoint; the resumed run does
-    steps 4..6 only and ends with the uninterrupted run's losses, weights and trainer state.
+    steps 4..6 only and ends with the uninterrupted run's losses, weights and trainer state. The cut run
+    also evaluates (at the start and every 2 steps, the reference never): evaluation leaves training as it
+    was, RNG states included.
     """
     common = [
         f"data.shards_dir={demo_shards_dir}",
@@ -130,13 +132,15 @@ def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ok(run_train([f"run_dir={ref}", *common], nproc=2))
 
-    killed = run_train([f"run_dir={cut}", *common, "faults.kill_at_step=4", "faults.kill_rank=1"], nproc=2)
+    evals = ["eval.at_start=true", "eval.every=2", "eval.max_images=8"]
+    killed = run_train([f"run_dir={cut}", *common, *evals, "faults.kill_at_step=4", "faults.kill_rank=1"], nproc=2)
     assert killed.returncode != 0
     assert [p.name for p in ck.list_checkpoints(cut)] == [ck.checkpoint_name(3)]
     before = len(train_log(cut))
-    resumed = run_train([f"run_dir={cut}", *common, "--resume", "auto"], nproc=2)
+    resumed = run_train([f"run_dir={cut}", *common, *evals, "--resume", "auto"], nproc=2)
     ok(resumed)
     assert f"resumed from {cut / ck.CKPT_DIR / ck.checkpoint_name(3)} at step 3" in resumed.stderr
+    assert sorted(p.name for p in (cut / "eval").iterdir()) == [f"step_{s:08d}" for s in (0, 2, 4)]
     # The jsonl is appended to: the resumed run's own rows come after the killed run's.
     assert [r["step"] for r in train_log(cut)[before:]] == [4, 5, 6]
 

@@ -133,7 +133,9 @@ def test_resume_after_kill_is_exact(demo_shards_dir, tmp_path):
     ok(run_train([f"run_dir={ref}", *common], nproc=2))
 
     evals = ["eval.at_start=true", "eval.every=2", "eval.max_images=8"]
-    killed = run_train([f"run_dir={cut}", *common, *evals, "faults.kill_at_step=4", "faults.kill_rank=1"], nproc=2)
+    killed = run_train(
+        [f"run_dir={cut}", *common, *evals, "faults.kill_at_step=4", "faults.kill_rank=1"], nproc=2
+    )
     assert killed.returncode != 0
     assert [p.name for p in ck.list_checkpoints(cut)] == [ck.checkpoint_name(3)]
     before = len(train_log(cut))

@@ -48,3 +48,15 @@ def test_rows_ratio_of_medians_and_targets():
     assert rows[1].ratio == 0.5 and "0.500 × base" in table
     assert bench.Target("lower", 0.5, 0.5, higher_is_better=False).passed
     assert not bench.Target("higher", 0.49, 0.5, higher_is_better=True).passed
+
+
+def test_quality_reads_a_detection_only_run_without_captions(tmp_path):
+    """loss.task=detection writes an empty captions.json: its caption metrics are NaN, its AP is read."""
+    quality = load_tool("bench/quality")
+    step = tmp_path / "eval" / "step_00000600"
+    step.mkdir(parents=True)
+    (step / "metrics.json").write_text('{"AP": 0.83}')
+    (step / "captions.json").write_text("[]")
+    out = quality.val_metrics(tmp_path, tmp_path / "shards")
+    assert out["AP"] == 0.83 and out["images"] == 0 and out["top_caption"] == ""
+    assert all(out[k] != out[k] for k in ("CIDEr", "distinct", "grounding_gap"))  # NaN

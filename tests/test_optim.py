@@ -8,6 +8,7 @@ from torch import nn
 
 from ticod.config import OptimConfig
 from ticod.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from ticod.train_metrics import step_lrs
 
 
 class Toy(nn.Module):
@@ -40,6 +41,36 @@ def test_groups():
     assert groups["backbone_decay"]["lr"] == 1e-4 and groups["heads_decay"]["lr"] == 1e-3
     assert groups["heads_no_decay"]["weight_decay"] == 0.0 and groups["heads_decay"]["weight_decay"] == 0.05
     assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in m.parameters())
+
+
+def test_caption_lr_gives_the_decoder_groups_of_its_own():
+    """optim.caption_lr moves every parameter under ``captioner.`` (and only those) into captioner groups at
+    that lr, scaled like the others; unset, the decoder is a head."""
+    m = Toy()
+    m.captioner = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    heads_only = {g["name"] for g in param_groups(m, OptimConfig(lr=1e-3, backbone_lr=1e-4))}
+    assert heads_only == {"backbone_decay", "backbone_no_decay", "heads_decay", "heads_no_decay"}
+    cfg = OptimConfig(lr=1e-3, backbone_lr=1e-4, caption_lr=3e-3, weight_decay=0.05)
+    groups = {g["name"]: g for g in param_groups(m, cfg, lr_scale=2.0)}
+    cap = {id(p) for p in m.captioner.parameters()}
+    assert {id(p) for p in groups["captioner_decay"]["params"]} == {id(m.captioner[0].weight)}
+    assert {id(p) for p in groups["captioner_no_decay"]["params"]} == cap - {id(m.captioner[0].weight)}
+    assert not cap & {id(p) for n in ("heads_decay", "heads_no_decay") for p in groups[n]["params"]}
+    lrs = {n: g["lr"] for n, g in groups.items()}
+    assert lrs == pytest.approx(
+        {"backbone_decay": 2e-4, "backbone_no_decay": 2e-4, "captioner_decay": 6e-3, "captioner_no_decay": 6e-3,
+         "heads_decay": 2e-3, "heads_no_decay": 2e-3}
+    )  # fmt: skip
+    assert (
+        groups["captioner_no_decay"]["weight_decay"] == 0.0
+        and groups["captioner_decay"]["weight_decay"] == 0.05
+    )
+    # Logged as train/lr (heads), train/lr_backbone and train/lr_caption.
+    opt = build_optimizer(m, cfg, lr_scale=2.0)
+    assert step_lrs(opt) == pytest.approx({"lr": 2e-3, "lr_backbone": 2e-4, "lr_caption": 6e-3})
+    assert step_lrs(build_optimizer(m, OptimConfig(lr=1e-3, backbone_lr=1e-4))) == pytest.approx(
+        {"lr": 1e-3, "lr_backbone": 1e-4}
+    )
 
 
 def test_warmup_cosine_values():

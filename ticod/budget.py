@@ -41,6 +41,7 @@ class Plan:
     # The cosine's progress (0..1) at origin_samples under the plan before: the schedule in samples goes on
     # from there to 1 at schedule_samples, so the lr is continuous in the samples seen across a resize.
     origin_progress: float = 0.0
+    caption_lr: float | None = None  # peak lr of the caption decoder where optim.caption_lr sets one
 
     def samples_at(self, step: int) -> int:
         """Samples trained, all ranks, when ``step`` optimizer steps are done."""
@@ -65,7 +66,8 @@ class Plan:
             f"budget: global batch {self.global_batch} ({self.batch_size} per rank x {self.grad_accum} accumulation"
             f" x {self.world_size} ranks), {self.steps} steps (warmup {self.warmup_steps}), {self.samples} images"
             f" = {self.epochs:.2f} epochs of {self.dataset_size}, peak lr {self.lr:.3g} heads /"
-            f" {self.backbone_lr:.3g} backbone (x{self.lr_scale:.3g} for the global batch)"
+            + ("" if self.caption_lr is None else f" {self.caption_lr:.3g} caption decoder /")
+            + f" {self.backbone_lr:.3g} backbone (x{self.lr_scale:.3g} for the global batch)"
         )
 
 
@@ -160,4 +162,5 @@ def resolve_plan(
         origin_step=origin_step,
         origin_samples=origin_samples,
         origin_progress=origin_progress if in_samples else 0.0,
+        caption_lr=None if optim.caption_lr is None else optim.caption_lr * scale,
     )

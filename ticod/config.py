@@ -238,8 +238,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # heads (FPN, RPN, RoI, captioner)
+    lr: float = 1e-4  # heads (FPN, RPN, RoI, and the captioner unless caption_lr is set)
     backbone_lr: float = 1e-5
+    # The caption decoder (GPT-2, its cross-attention, the visual memory) in groups of its own at this lr;
+    # None: it trains at lr with the other heads.
+    caption_lr: float | None = None
     weight_decay: float = 0.05  # not applied to norms, biases, embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -493,6 +496,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("optim.reference_batch", f"optim.lr_scaling={cfg.optim.lr_scaling.value} needs it (>= 1)")
     if cfg.optim.grad_accum < 1:
         fail("optim.grad_accum", "must be >= 1")
+    if cfg.optim.caption_lr is not None and not cfg.optim.caption_lr > 0:
+        fail("optim.caption_lr", "must be > 0 (or null: the heads' lr)")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         fail("data.batch_size", "batch sizes must be >= 1")
     if cfg.data.num_workers < 0:

@@ -17,26 +17,30 @@ _NO_DECAY_NAME_PARTS = ("relative_position_bias_table", "absolute_pos_embed", "p
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, lr_scale: float = 1.0) -> list[dict]:
-    """Split trainable parameters into backbone/head x decay/no-decay groups.
+    """Split trainable parameters into backbone/captioner/heads x decay/no-decay groups.
 
     No weight decay on norms, biases (every parameter with ndim <= 1), embeddings (nn.Embedding
     weights) and positional tables. The backbone (parameters under ``backbone.``) uses
-    ``cfg.backbone_lr``; everything else ``cfg.lr``; both times ``lr_scale`` (:func:`ticod.budget.lr_scale`).
-    Each group carries its name for logging.
+    ``cfg.backbone_lr``; the caption decoder (under ``captioner.``) ``cfg.caption_lr`` in groups of its own
+    when that is set (else it is a head); everything else ``cfg.lr``; all times ``lr_scale``
+    (:func:`ticod.budget.lr_scale`). Each group carries its name for logging.
     """
+    lrs = {"backbone": cfg.backbone_lr, "captioner": cfg.caption_lr, "heads": cfg.lr}
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = "backbone" if name.startswith("backbone.") else "heads"
+        if cfg.caption_lr is not None and name.startswith("captioner."):
+            part = "captioner"
         no_decay = p.ndim <= 1 or id(p) in embedding_params or any(s in name for s in _NO_DECAY_NAME_PARTS)
         key = f"{part}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
             groups[key] = {
                 "name": key,
                 "params": [],
-                "lr": (cfg.backbone_lr if part == "backbone" else cfg.lr) * lr_scale,
+                "lr": lrs[part] * lr_scale,
                 "weight_decay": 0.0 if no_decay else cfg.weight_decay,
             }
         groups[key]["params"].append(p)

@@ -141,11 +141,13 @@ def unreported_grad_norm(engine: Any) -> float | None:
 
 
 def step_lrs(optimizer: Any) -> dict[str, float]:
-    """The lrs the optimizer's next step applies: ``lr`` of the heads, ``lr_backbone`` of the backbone
-    (by the group names of :func:`ticod.optim.param_groups`; a part without trainable parameters is absent)."""
+    """The lrs the optimizer's next step applies: ``lr`` of the heads, ``lr_backbone`` of the backbone,
+    ``lr_caption`` of the caption decoder where it has groups of its own (``optim.caption_lr``); by the group
+    names of :func:`ticod.optim.param_groups`, a part without trainable parameters is absent."""
+    keys = {"backbone": "lr_backbone", "captioner": "lr_caption"}
     out: dict[str, float] = {}
     for group in optimizer.param_groups:
-        key = "lr_backbone" if group["name"].startswith("backbone") else "lr"
+        key = keys.get(group["name"].split("_")[0], "lr")
         out.setdefault(key, float(group["lr"]))
     return out
 

@@ -88,7 +88,8 @@ def val_metrics(run_dir: Path, shards: Path) -> dict[str, Any]:
     # A task left out (loss.task=caption or detection) has no metrics of the other: NaN.
     out: dict[str, Any] = {k: float(metrics.get(k, "nan")) for k in ("AP", "CIDEr", "BERTScore-F1", "BLEU-4")}
     path = evals[-1].parent / "captions.json"
-    if not path.is_file():
+    captions = [c["caption"] for c in json.loads(path.read_text())] if path.is_file() else []
+    if not captions:  # a detection-only run writes no captions (or an empty list)
         return {
             **out,
             "distinct": float("nan"),
@@ -96,7 +97,6 @@ def val_metrics(run_dir: Path, shards: Path) -> dict[str, Any]:
             "images": 0,
             "top_caption": "",
         }
-    captions = [c["caption"] for c in json.loads(path.read_text())]
     top, count = collections.Counter(captions).most_common(1)[0]
     return {
         **out,

@@ -3,6 +3,7 @@ real COCO sample, a one-rank process group. Shared functions and constants are i
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+@pytest.hookimpl(tryfirst=True)  # xdist's worker reads the groups in its own hook of this name
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With ``--dist loadgroup`` (launch/test.sh), run the multi-process and Slurm tests one at a time on
     one worker: they use every core, wait on timeouts measured in seconds and bring up one cluster. The
@@ -42,6 +44,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         slow = item.get_closest_marker("slow") and not item.get_closest_marker("parallel_ok")
         if slow or item.get_closest_marker("slurm") or item.get_closest_marker("serial"):
             item.add_marker(pytest.mark.xdist_group(SERIAL))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse ``--dist loadgroup`` where pytest-xdist cannot group: it passes a test's group to its scheduler as
+    an ``@group`` suffix of the node id, which pytest 9.2 no longer lets it set (pytest-xdist#1386, open in
+    3.8). The serial tests would run beside each other on every worker, and nothing would say so."""
+    if config.getoption("dist", None) != "loadgroup" or pytest.version_tuple[:2] < (9, 2):
+        return
+    xdist_version = tuple(int(p) for p in importlib.metadata.version("pytest-xdist").split(".")[:2])
+    if xdist_version <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {importlib.metadata.version('pytest-xdist')} ignores "
+            "--dist loadgroup's groups (pytest-xdist#1386): install the lock, pip install -c constraints.txt -e .[dev]"
+        )
 
 
 # 80 real COCO train2017 images with their boxes and captions: the team's share next to the checkout

@@ -30,7 +30,9 @@ from helpers import DEMO, deepspeed_cmd, load_tool, minilm_dir, run_killing_grou
 
 from ticod.metrics.grounding import grounding_of_run
 
-pytestmark = pytest.mark.slow
+# Beside the serial tests (pytest-xdist): deterministic trainings with a 900 s timeout, whose result does not
+# depend on how fast they run; in the serial group they made its chain, and CI, 3 min longer.
+pytestmark = [pytest.mark.slow, pytest.mark.parallel_ok]
 
 STEPS = 300
 GUARD = [f"max_steps={STEPS}", "checkpoint.save_every=0", "eval.at_end=true", "logging.log_every=50"]

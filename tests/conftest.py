@@ -52,10 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
     3.8). The serial tests would run beside each other on every worker, and nothing would say so."""
     if config.getoption("dist", None) != "loadgroup" or pytest.version_tuple[:2] < (9, 2):
         return
-    xdist_version = tuple(int(p) for p in importlib.metadata.version("pytest-xdist").split(".")[:2])
-    if xdist_version <= (3, 8):
+    xdist = importlib.metadata.version("pytest-xdist")
+    if tuple(int(p) for p in xdist.split(".")[:2]) <= (3, 8):
         raise pytest.UsageError(
-            f"pytest {pytest.__version__} with pytest-xdist {importlib.metadata.version('pytest-xdist')} ignores "
+            f"pytest {pytest.__version__} with pytest-xdist {xdist} ignores "
             "--dist loadgroup's groups (pytest-xdist#1386): install the lock, pip install -c constraints.txt -e .[dev]"
         )
 

@@ -51,8 +51,10 @@ def features(
             objects[a["image_id"]].append(a)
     model, rows, labels = bundle.model, collections.defaultdict(list), []
     for image_id, anns in objects.items():
+        if len(anns) != 1 or len(labels) >= limit:
+            continue
         label = anns[0]["category_id"] if target == "class" else colour_of(captions[image_id])
-        if len(anns) != 1 or len(labels) >= limit or label is None:
+        if label is None:
             continue
         image = Image.open(coco / split / files[image_id]).convert("RGB")
         batch = preprocess([image], bundle.cfg.data)

@@ -68,6 +68,30 @@ def test_loss_is_cross_entropy_over_real_tokens_after_bos():
     torch.testing.assert_close(dec(maps(), SIZES, PADDED, other_pad, mask), loss)
 
 
+def test_label_smoothing_smooths_the_cross_entropy_of_the_same_tokens():
+    ids, mask = captions()
+    smoothed_dec = decoder(label_smoothing=0.1).eval()
+    smoothed = smoothed_dec(maps(), SIZES, PADDED, ids, mask)
+
+    memory, memory_mask = smoothed_dec.memory(maps(), SIZES, PADDED)
+    logits = smoothed_dec.gpt(
+        input_ids=ids, attention_mask=mask, encoder_hidden_states=memory, encoder_attention_mask=memory_mask
+    ).logits[:, :-1]
+    logp = logits.log_softmax(-1).reshape(-1, VOCAB)
+    target = ids[:, 1:].reshape(-1)
+    weights = mask[:, 1:].reshape(-1).float()
+    per_token = -0.9 * logp.gather(1, target[:, None])[:, 0] - 0.1 * logp.mean(-1)
+    torch.testing.assert_close(smoothed, (per_token * weights).sum() / weights.sum())
+    # label_smoothing=0.0 at the call (the grounding gap's likelihood) is the plain cross-entropy.
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    plain = smoothed_dec(maps(), SIZES, PADDED, ids, mask, label_smoothing=0.0)
+    torch.testing.assert_close(plain, (nll * weights).sum() / weights.sum())
+    # Uncaptioned rows are still no target: the loss equals that of the captioned row alone.
+    only_first = smoothed_dec(maps(), SIZES, PADDED, ids, mask, has_caption=[True, False])
+    first = (per_token * weights).view(2, -1)[0].sum() / weights.view(2, -1)[0].sum()
+    torch.testing.assert_close(only_first, first)
+
+
 def test_loss_ignores_features_in_the_padding():
     dec = decoder().eval()
     ids, mask = captions()

@@ -212,6 +212,8 @@ class CaptionerConfig:
     max_new_tokens: int = 30
     num_beams: int = 1  # 1 = greedy
     dropout: float = 0.1
+    # Label smoothing of the caption cross-entropy (0: none; 0.1 is common for captioning transformers).
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -550,6 +552,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("data.max_caption_tokens", f"exceeds model.captioner.n_positions={cap.n_positions}")
     if cap.num_beams < 1:
         fail("model.captioner.num_beams", "must be >= 1")
+    if not 0.0 <= cap.label_smoothing < 1.0:
+        fail("model.captioner.label_smoothing", "must be in [0, 1)")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         fail("max_bad_fraction", "must be in [0, 1]")
 

@@ -39,9 +39,11 @@ def grounding_gap(model: TICOD, batches: Iterable[Batch]) -> dict[str, float]:
                 raise ValueError("grounding_gap needs batches of at least 2 images")
             maps, sizes, shape = model.caption_memory(images, batch.image_sizes)
             ids, mask = batch.captions["input_ids"], batch.captions["attention_mask"]
-            loss = model.captioner(maps, sizes, shape, ids, mask)
+            loss = model.captioner(maps, sizes, shape, ids, mask, label_smoothing=0.0)
             other = [*range(1, len(sizes)), 0]
-            swapped = model.captioner([m[other] for m in maps], [sizes[i] for i in other], shape, ids, mask)
+            swapped = model.captioner(
+                [m[other] for m in maps], [sizes[i] for i in other], shape, ids, mask, label_smoothing=0.0
+            )
             own.append(float(loss))
             gaps.append(float(swapped - loss))
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
+from torch.nn import functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ticod.config import CaptionerConfig
@@ -124,6 +125,7 @@ class CaptionDecoder(nn.Module):
         self.memory = VisualMemory(visual_channels, self.gpt.config.n_embd)
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.num_beams = cfg.num_beams
+        self.label_smoothing = cfg.label_smoothing
         self.max_new_tokens = cfg.max_new_tokens
         # Set by the caller while ranks run the decoder in lockstep (ZeRO-3 gathers its weights at every
         # forward): generation then goes on stepping until every rank's captions are done (HF synced_gpus).
@@ -145,6 +147,7 @@ class CaptionDecoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         has_caption: Sequence[bool] | None = None,
+        label_smoothing: float | None = None,
     ) -> torch.Tensor:
         """Teacher-forced mean token cross-entropy over the captioned rows' tokens.
 
@@ -157,6 +160,7 @@ class CaptionDecoder(nn.Module):
             has_caption: Per row whether it holds a real caption (None: all). The others' tokens are not
                 targets, so the loss equals that of the captioned rows alone; with no captioned row it is
                 an exact 0 that still reaches every weight (see below).
+            label_smoothing: Of the cross-entropy; None: the configured one (0 gives the plain likelihood).
         """
         memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
         # Padding never counts (pad may equal EOS for GPT-2, so the mask decides); GPT-2 shifts labels
@@ -173,15 +177,23 @@ class CaptionDecoder(nn.Module):
         stand_in = len(uncaptioned) == len(input_ids)
         for i in uncaptioned[1:] if stand_in else uncaptioned:
             labels[i] = -100  # Python-int rows: no host-device sync
+        smooth = self.label_smoothing if label_smoothing is None else label_smoothing
         out = self.gpt(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=memory,
             encoder_attention_mask=memory_mask,
-            labels=labels,
+            labels=None if smooth else labels,
             use_cache=False,
         )
-        return out.loss * 0 if stand_in else out.loss
+        if smooth:  # GPT-2's own loss has no smoothing: the same shifted mean token cross-entropy, smoothed
+            logits = out.logits[:, :-1].float()
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), label_smoothing=smooth
+            )
+        else:
+            loss = out.loss
+        return loss * 0 if stand_in else loss
 
     @torch.no_grad()
     def generate(

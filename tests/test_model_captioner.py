@@ -80,10 +80,10 @@ def test_label_smoothing_smooths_the_cross_entropy_of_the_same_tokens():
     logp = logits.log_softmax(-1).reshape(-1, VOCAB)
     target = ids[:, 1:].reshape(-1)
     weights = mask[:, 1:].reshape(-1).float()
-    per_token = -0.9 * logp.gather(1, target[:, None])[:, 0] - 0.1 * logp.mean(-1)
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    per_token = 0.9 * nll - 0.1 * logp.mean(-1)
     torch.testing.assert_close(smoothed, (per_token * weights).sum() / weights.sum())
     # label_smoothing=0.0 at the call (the grounding gap's likelihood) is the plain cross-entropy.
-    nll = -logp.gather(1, target[:, None])[:, 0]
     plain = smoothed_dec(maps(), SIZES, PADDED, ids, mask, label_smoothing=0.0)
     torch.testing.assert_close(plain, (nll * weights).sum() / weights.sum())
     # Uncaptioned rows are still no target: the loss equals that of the captioned row alone.

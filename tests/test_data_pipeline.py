@@ -6,6 +6,7 @@ import contextlib
 import io
 import itertools
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from ticod.data import shards as shards_module
 from ticod.data.coco import CategoryMap, load_records
 from ticod.data.eval_stream import build_eval_loader, eval_share
-from ticod.data.samples import Batch, StreamStats
+from ticod.data.samples import Batch, SampleProcessor, StreamStats
 from ticod.data.shard_reader import read_range, split_shards
 from ticod.data.shards import write_shards
 from ticod.data.tokenizer import load_tokenizer
@@ -127,6 +128,34 @@ def test_batch_format(demo_shards_dir: Path) -> None:
     meta = {"key", "image_id", "orig_size", "scale", "flipped", "captions", "source"}
     assert set(batch.meta[0]) == meta and batch.meta[0]["source"] == ""  # one unnamed source
     assert batch.has_boxes == batch.has_caption == [True] * 4  # the demo labels both everywhere
+
+
+def test_k_captions_per_image_are_distinct_references_image_by_image(
+    demo_coco_dir: Path, demo_shards_dir: Path
+) -> None:
+    cfg = data_cfg(demo_shards_dir, "data.num_workers=0", "data.batch_size=2", "data.captions_per_image=3")
+    tok = load_tokenizer(demo_shards_dir / "tokenizer")
+    caps = quiet_coco(demo_coco_dir / "annotations/captions_train.json")
+    for batch in itertools.islice(build_train_loader(cfg, tok, rank=0, world_size=1, seed=0), 3):
+        ids, mask = batch.captions["input_ids"], batch.captions["attention_mask"]
+        assert ids.shape[0] == 3 * len(batch.meta)
+        for i, meta in enumerate(batch.meta):
+            refs = [a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=meta["image_id"]))]
+            if meta["flipped"]:
+                refs = [swap_left_right(r) for r in refs]
+            texts = [tok.decode(ids[r][mask[r].bool()][1:-1]) for r in range(3 * i, 3 * i + 3)]
+            # Three of the image's five references, drawn without replacement (possibly truncated).
+            drawn = [next(j for j, ref in enumerate(refs) if ref.startswith(t)) for t in texts]
+            assert len(set(drawn)) == 3
+    # An image with fewer references than k repeats some; evaluation reads the first, once.
+    train = SampleProcessor(cfg, [{"id": 1, "name": "a"}], train=True)
+    assert sorted(set(train._draw_captions(["x", "y"], random.Random(0)))) == ["x", "y"]
+    assert len(train._draw_captions(["x", "y"], random.Random(0))) == 3
+    assert train._draw_captions([], random.Random(0)) == ["", "", ""]
+    evaluator = SampleProcessor(cfg, [{"id": 1, "name": "a"}], train=False)
+    assert evaluator._draw_captions(["x", "y"], random.Random(0)) == ["x"]
+    eval_batch = next(iter(build_eval_loader(cfg, tok, rank=0, world_size=1)))
+    assert eval_batch.captions["input_ids"].shape[0] == len(eval_batch.meta)
 
 
 def test_batch_is_pinned_and_moved_whole(demo_shards_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from tiny_model import BOS, EOS, VOCAB, batch_losses, tiny_config
 from ticod.checkpoint import Checkpointer
 from ticod.data.samples import Batch
 from ticod.models import TICOD
+from ticod.models.ticod import label_units
 from ticod.resume import TrainState
 from ticod.train import StepUnits, batch_units, forward_backward, step_loss
 
@@ -219,3 +220,13 @@ def test_each_labelled_image_and_caption_token_weighs_the_same_in_a_mixed_step()
     assert cap_old == pytest.approx(sum(token_old[i] * cap_sum[i] for i in cap_sum), rel=1e-5)
     assert cap_new == pytest.approx(sum(cap_sum.values()) / step_tokens, rel=1e-5)
     assert abs(det_new - det_old) > 1e-3 * det_new  # the batch is mixed enough for the weights to matter
+
+
+def test_caption_tokens_of_k_captions_per_image_count_every_row_of_a_captioned_image():
+    # Two images, two captions each (rows image by image): 4 + 2 tokens for image 0, 3 + 1 for image 1.
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    assert label_units(2, mask).tolist() == [2.0, 10.0]
+    assert label_units(2, mask, has_boxes=[True, False], has_caption=[True, False]).tolist() == [1.0, 6.0]
+    assert label_units(2, mask, has_caption=[False, True]).tolist() == [2.0, 4.0]
+    with pytest.raises(ValueError, match="4 caption rows for 3 images"):
+        label_units(3, mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -90,6 +91,26 @@ def test_label_smoothing_smooths_the_cross_entropy_of_the_same_tokens():
     only_first = smoothed_dec(maps(), SIZES, PADDED, ids, mask, has_caption=[True, False])
     first = (per_token * weights).view(2, -1)[0].sum() / weights.view(2, -1)[0].sum()
     torch.testing.assert_close(only_first, first)
+
+
+def test_k_captions_per_image_read_their_image_and_weigh_every_token_the_same():
+    dec = decoder().eval()
+    ids, mask = captions()
+    # Rows 0 and 1 are image 0's two captions, rows 2 and 3 image 1's (data.captions_per_image=2).
+    ids2 = torch.cat([ids, ids.flip(0)])[[0, 2, 1, 3]]
+    mask2 = torch.cat([mask, mask.flip(0)])[[0, 2, 1, 3]]
+    k2 = dec(maps(), SIZES, PADDED, ids2, mask2)
+    # The same as four images, each image's features repeated for its second caption: one token mean.
+    repeated = [m.repeat_interleave(2, 0) for m in maps()]
+    sizes = [SIZES[0], SIZES[0], SIZES[1], SIZES[1]]
+    torch.testing.assert_close(k2, dec(repeated, sizes, PADDED, ids2, mask2))
+    # has_caption is per image: image 1 uncaptioned drops both of its rows.
+    torch.testing.assert_close(
+        dec(maps(), SIZES, PADDED, ids2, mask2, has_caption=[True, False]),
+        dec([repeated[0][:2]], sizes[:2], PADDED, ids2[:2], mask2[:2]),
+    )
+    with pytest.raises(ValueError, match="3 caption rows for 2 images"):
+        dec(maps(), SIZES, PADDED, ids2[:3], mask2[:3])
 
 
 def test_loss_ignores_features_in_the_padding():

@@ -102,6 +102,11 @@ class DataConfig:
     group_by_aspect: bool = True
     shuffle_buffer: int = 1000
     max_caption_tokens: int = 32  # including BOS/EOS
+    # Training captions per image and step (self-critical.pytorch's seq_per_img): the decoder reads each
+    # image's features once per caption, k captions drawn without replacement from the image's references
+    # (with replacement where it has fewer). The backbone and detector cost the same; the decoder sees k
+    # times the caption tokens per step. Evaluation reads one (the first).
+    captions_per_image: int = 1
     # Image normalisation (ImageNet stats, as the timm Swin weights expect).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -548,6 +553,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("model.captioner.use_fpn_levels", "FPN levels are not built for loss.task=caption")
     if cap.n_embd % cap.n_head:
         fail("model.captioner.n_embd", f"{cap.n_embd} is not divisible by n_head={cap.n_head}")
+    if cfg.data.captions_per_image < 1:
+        fail("data.captions_per_image", f"must be >= 1, got {cfg.data.captions_per_image}")
     if cfg.data.max_caption_tokens > cap.n_positions and not cap.pretrained:
         fail("data.max_caption_tokens", f"exceeds model.captioner.n_positions={cap.n_positions}")
     if cap.num_beams < 1:

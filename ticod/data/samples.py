@@ -110,6 +110,19 @@ class SampleProcessor:
         self.min_sizes = [int(s) for s in cfg.train_min_sizes] if train else [int(cfg.test_min_size)]
         self.max_size = int(cfg.max_size)
         self.hflip_prob = float(cfg.hflip_prob) if train else 0.0  # eval never flips
+        self.captions_per_image = int(cfg.captions_per_image) if train else 1
+
+    def _draw_captions(self, captions: list[str], rng: random.Random) -> list[str]:
+        """The caption texts a sample trains on: k of its references, without replacement where it has k."""
+        k = self.captions_per_image
+        if not captions:
+            return [""] * k
+        if not self.train:
+            return [captions[0]]
+        if k == 1:
+            return [rng.choice(captions)]
+        drawn = rng.sample(captions, min(k, len(captions)))
+        return drawn + [rng.choice(captions) for _ in range(k - len(drawn))]
 
     def _classes(self, remap: dict[int, int] | None) -> torch.Tensor | None:
         if remap is None:
@@ -197,16 +210,17 @@ class SampleProcessor:
             image, boxes = hflip(image, boxes)
         keep = keep_nondegenerate(boxes)  # tiny boxes can shrink below a pixel when downscaled
         captions = list(meta["captions"]) if has_caption else []
-        caption = (rng.choice(captions) if self.train else captions[0]) if captions else ""
+        drawn = self._draw_captions(captions, rng)
         if flipped:
-            caption = swap_left_right(caption)
+            drawn = [swap_left_right(c) for c in drawn]
         target = {"boxes": boxes[keep], "labels": labels[keep]}
         if classes is not None:  # a source of a mix that annotates only some classes
             target["classes"] = classes
         return {
             "image": to_uint8_tensor(image),
             "target": target,
-            "caption": caption,
+            # Training: data.captions_per_image texts (all "" without a caption); evaluation: the first.
+            "caption_texts": drawn,
             # Which losses this sample takes part in (a sample without box labels is not a negative).
             "tasks": (has_boxes, has_caption),
             "meta": {
@@ -240,8 +254,9 @@ class Batch:
     # and, in a mix whose sources annotate only some classes, "classes" (K + 1,) bool with background (the
     # classes its source annotates).
     targets: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    # "input_ids" and "attention_mask", (B, T) int64: each image's caption tokenised (training: one drawn
-    # from its captions; evaluation: its first; "" when it has none), padded right.
+    # "input_ids" and "attention_mask", (B·k, T) int64: each image's k captions tokenised, image by image
+    # (training: k = data.captions_per_image drawn from its captions; evaluation: k = 1, its first; "" when
+    # it has none), padded right.
     captions: dict[str, torch.Tensor] = field(default_factory=dict)
     # Per image, whether it is labelled for boxes / has a caption: the losses it takes part in (an image
     # without box labels is not a negative). Plain lists: the model indexes its sub-batches with them, no
@@ -293,7 +308,7 @@ def collate(
     for i, s in enumerate(samples):
         images[i, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
     if samples:
-        captions = encode_captions(tokenizer, [s["caption"] for s in samples], max_tokens)
+        captions = encode_captions(tokenizer, [t for s in samples for t in s["caption_texts"]], max_tokens)
         ids_and_mask = torch.stack([captions["input_ids"], captions["attention_mask"]])
         captions = {"input_ids": ids_and_mask[0], "attention_mask": ids_and_mask[1]}
     else:

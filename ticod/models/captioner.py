@@ -97,6 +97,13 @@ def build_gpt2(cfg: CaptionerConfig, vocab_size: int, bos: int, eos: int, pad: i
     return GPT2LMHeadModel(config)
 
 
+def captions_per_image(rows: int, images: int) -> int:
+    """k of a batch holding k caption rows per image (rows = images · k), or a ValueError."""
+    if images <= 0 or rows % images or rows == 0:
+        raise ValueError(f"{rows} caption rows for {images} images: expected k rows per image, k >= 1")
+    return rows // images
+
+
 class CaptionDecoder(nn.Module):
     """GPT-2 language model conditioned on image features through cross-attention.
 
@@ -155,22 +162,26 @@ class CaptionDecoder(nn.Module):
             maps: Image feature maps (see ``visual_channels``).
             image_sizes: (h, w) of each image before padding.
             padded_shape: (H, W) of the padded batch.
-            input_ids: (B, L) BOS + tokens + EOS, right-padded.
-            attention_mask: (B, L), 0 at padding.
-            has_caption: Per row whether it holds a real caption (None: all). The others' tokens are not
-                targets, so the loss equals that of the captioned rows alone; with no captioned row it is
-                an exact 0 that still reaches every weight (see below).
+            input_ids: (B·k, L) BOS + tokens + EOS, right-padded: k captions per image, image by image
+                (each image's features are read once per caption).
+            attention_mask: (B·k, L), 0 at padding.
+            has_caption: Per image whether its rows hold real captions (None: all). The others' tokens are
+                not targets, so the loss equals that of the captioned rows alone; with no captioned row it
+                is an exact 0 that still reaches every weight (see below).
             label_smoothing: Of the cross-entropy; None: the configured one (0 gives the plain likelihood).
         """
         memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
+        k = captions_per_image(len(input_ids), len(image_sizes))
+        if k > 1:
+            memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
         # Padding never counts (pad may equal EOS for GPT-2, so the mask decides); GPT-2 shifts labels
         # itself, so BOS at position 0 is an input only and every later token is a target.
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         uncaptioned: list[int] = []
         if has_caption is not None:
-            if len(has_caption) != len(input_ids):
-                raise ValueError(f"{len(has_caption)} has_caption flags for {len(input_ids)} captions")
-            uncaptioned = [i for i, has in enumerate(has_caption) if not has]
+            if len(has_caption) != len(image_sizes):
+                raise ValueError(f"{len(has_caption)} has_caption flags for {len(image_sizes)} images")
+            uncaptioned = [i * k + j for i, has in enumerate(has_caption) if not has for j in range(k)]
         # No captioned row: row 0 stays a stand-in target (its "" caption still has EOS to predict), so that
         # the loss is finite and every decoder weight takes part in backward (ZeRO reduces each weight's
         # gradient across ranks and hangs when one is missing); its loss is multiplied by 0 below.

@@ -11,7 +11,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ticod.config import DataConfig, LossConfig, ModelConfig, Task
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
-from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder
+from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, captions_per_image
 from ticod.models.detector import FPN_LEVELS, Detector
 from ticod.models.losses import LossCombiner
 
@@ -138,7 +138,8 @@ class TICOD(nn.Module):
                 float batch already normalised with zero padding (any H, W: padded here for Swin).
             targets: Per image {"boxes": (N, 4) xyxy resized-image pixels, "labels": (N,) in 1..K}; needed to
                 train the detector. N may be 0.
-            captions: {"input_ids", "attention_mask"} (B, L); needed to train the captioner.
+            captions: {"input_ids", "attention_mask"} (B·k, L), k captions per image, image by image
+                (``data.captions_per_image``); needed to train the captioner.
             image_sizes: (h, w) of each image before padding; default: the full batch size.
             orig_sizes: (h, w) of the original images; eval boxes are rescaled to them when given.
             has_boxes: Per image whether it is labelled for boxes (None: all; a plain list, so selecting
@@ -341,7 +342,12 @@ def label_units(
         tokens = torch.zeros((), dtype=torch.float64)
     else:
         per_row = (attention_mask.to(torch.float64).sum(dim=1) - 1).clamp(min=0)
-        rows = range(len(per_row)) if has_caption is None else [i for i, f in enumerate(has_caption) if f]
+        k = captions_per_image(len(per_row), batch_size)
+        rows = (
+            range(len(per_row))
+            if has_caption is None
+            else [i * k + j for i, f in enumerate(has_caption) if f for j in range(k)]
+        )
         tokens = sum((per_row[i] for i in rows), per_row.new_zeros(()))  # Python-int rows: no copy
     return torch.stack([tokens.new_full((), float(boxes)), tokens])
 

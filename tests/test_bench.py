@@ -60,3 +60,20 @@ def test_quality_reads_a_detection_only_run_without_captions(tmp_path):
     out = quality.val_metrics(tmp_path, tmp_path / "shards")
     assert out["AP"] == 0.83 and out["images"] == 0 and out["top_caption"] == ""
     assert all(out[k] != out[k] for k in ("CIDEr", "distinct", "grounding_gap"))  # NaN
+
+
+def test_quality_heldout_reads_an_evaluated_run_and_counts_its_distinct_captions(tmp_path):
+    """An evaluated held-out set is read, not evaluated again; a detection-only run's captions are NaN."""
+    quality = load_tool("bench/quality")
+    out = tmp_path / "heldout"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"AP": 0.8, "CIDEr": 1.1, "BERTScore-F1": 0.66}')
+    (out / "captions.json").write_text(
+        '[{"caption": "a red star"}, {"caption": "a red star"}, {"caption": "a cube"}]'
+    )
+    got = quality.heldout_metrics(tmp_path, tmp_path / "no_shards")
+    assert got == {"AP": 0.8, "CIDEr": 1.1, "BERTScore-F1": 0.66, "distinct": 2.0, "images": 3}
+    (out / "captions.json").write_text("[]")
+    (out / "metrics.json").write_text('{"AP": 0.8}')
+    got = quality.heldout_metrics(tmp_path, tmp_path / "no_shards")
+    assert got["AP"] == 0.8 and got["images"] == 0 and all(got[k] != got[k] for k in ("CIDEr", "distinct"))

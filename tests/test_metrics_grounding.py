@@ -32,3 +32,12 @@ def test_gap_needs_the_decoder_and_two_images():
     one = replace(one, images=one.images[:1], image_sizes=one.image_sizes[:1])
     with pytest.raises(ValueError, match="at least 2"):
         grounding_gap(build(), [one])
+
+
+def test_gap_swaps_the_detected_objects_with_the_features():
+    model = build("model.captioner.object_tokens=2", "model.captioner.object_min_score=0.0")
+    # Blind to the feature maps: only the objects can make the gap.
+    with torch.no_grad():
+        model.captioner.memory.proj[0][0].weight.zero_()
+        model.captioner.memory.proj[0][0].bias.zero_()
+    assert abs(grounding_gap(model, [batch()])["grounding_gap"]) > 1e-4

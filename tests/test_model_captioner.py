@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ticod.config import CaptionerConfig
-from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, VisualMemory
+from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, Objects, VisualMemory, box_geometry
 
 VOCAB, BOS, EOS = 50, 1, 2
 PADDED = (64, 96)
 SIZES = [(64, 96), (40, 50)]
 
 
-def decoder(**overrides) -> CaptionDecoder:
+def decoder(object_dim: int = 0, **overrides) -> CaptionDecoder:
     torch.manual_seed(0)
     cfg = CaptionerConfig(
         **{
@@ -30,7 +30,7 @@ def decoder(**overrides) -> CaptionDecoder:
             **overrides,
         }
     )
-    return CaptionDecoder(cfg, [16], VOCAB, BOS, EOS, EOS)
+    return CaptionDecoder(cfg, [16], VOCAB, BOS, EOS, EOS, object_dim=object_dim)
 
 
 def maps() -> list[torch.Tensor]:
@@ -121,6 +121,45 @@ def test_loss_ignores_features_in_the_padding():
     torch.testing.assert_close(dec(changed, SIZES, PADDED, ids, mask), dec(maps(), SIZES, PADDED, ids, mask))
     changed[0][1, :, 0, 0] += 5.0  # inside the image: must matter
     assert not torch.allclose(dec(changed, SIZES, PADDED, ids, mask), dec(maps(), SIZES, PADDED, ids, mask))
+
+
+def objects() -> Objects:
+    """Image 0 with two objects, image 1 with one, of at most three (the third slot is padding)."""
+    g = torch.Generator().manual_seed(8)
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 48.0, 32.0], [24.0, 16.0, 96.0, 64.0], [0.0] * 4],
+            [[5.0, 4.0, 25.0, 24.0], *[[0.0] * 4] * 2],
+        ]
+    )
+    return Objects(torch.randn(2, 3, 8, generator=g), boxes, torch.tensor([[1, 1, 0], [1, 0, 0]]))
+
+
+def test_box_geometry_is_relative_to_each_image():
+    geo = box_geometry(objects().boxes, SIZES)
+    torch.testing.assert_close(geo[0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5, 0.25]))
+    torch.testing.assert_close(geo[1, 0], torch.tensor([0.1, 0.1, 0.5, 0.6, 0.2]))
+
+
+def test_object_tokens_reach_the_loss_and_their_padding_does_not():
+    dec = decoder(object_dim=8).eval()
+    ids, mask = captions()
+    base = dec(maps(), SIZES, PADDED, ids, mask, objects=objects())
+    padding = objects()
+    padding.features[0, 2] += 5.0
+    padding.boxes[1, 1] += 7.0
+    torch.testing.assert_close(dec(maps(), SIZES, PADDED, ids, mask, objects=padding), base)
+    feature, box = objects(), objects()
+    feature.features[1, 0] += 1.0
+    box.boxes[0, 1, 2:] -= 20.0  # the same feature at another place
+    for other in (feature, box):
+        assert not torch.allclose(dec(maps(), SIZES, PADDED, ids, mask, objects=other), base)
+    # Generation reads them as well; a decoder built with objects needs them, one without refuses them.
+    assert len(dec.generate(maps(), SIZES, PADDED, objects=objects())) == 2
+    with pytest.raises(ValueError, match="pass objects"):
+        dec(maps(), SIZES, PADDED, ids, mask)
+    with pytest.raises(ValueError, match="without object tokens"):
+        decoder()(maps(), SIZES, PADDED, ids, mask, objects=objects())
 
 
 def greedy_without_cache(dec: CaptionDecoder, steps: int) -> torch.Tensor:

@@ -67,3 +67,11 @@ def test_command_prints_a_table_for_both_configs(capsys):
         "gpt2", "cross_attention", "visual_memory", "total",
     ]  # fmt: skip
     assert "(231,111,816)" in rows[-1] and "(290,655,622)" in rows[-1]
+
+
+def test_object_memory_is_counted_where_the_decoder_reads_objects():
+    model = count_params.build_on_meta(ROOT / "configs" / "demo.yaml")  # object_tokens 10, box head 256 wide
+    counts = model.parameter_counts()
+    assert sum(counts.values()) == numel(model)
+    # Linear(256 features + 5 geometry -> 128) + LayerNorm(128) + the object type embedding.
+    assert counts["object_memory"] == (256 + 5) * 128 + 128 + 2 * 128 + 128

@@ -66,6 +66,7 @@ def test_uncertainty_weighting_uses_learned_log_variances():
         ["loss.task=joint"],
         ["loss.task=joint", "loss.balance=uncertainty"],
         ["loss.task=joint", "model.captioner.use_fpn_levels=true", "model.captioner.fpn_levels=['1', '3']"],
+        ["loss.task=joint", "model.captioner.object_tokens=2"],
         ["loss.task=detection"],
         ["loss.task=caption"],
     ],
@@ -296,3 +297,68 @@ def test_learned_task_weight_of_an_absent_task_gets_no_gradient(absent):
     if absent == "caption":
         idle, used = used, idle
     assert idle.grad is not None and not idle.grad.any() and used.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------ object tokens
+OBJECTS = "model.captioner.object_tokens=2"
+
+
+def test_object_tokens_are_off_without_the_detector():
+    model = build(OBJECTS, "loss.task=caption")
+    assert model.object_tokens == 0 and model.captioner.objects is None
+    train_losses(model, batch())["loss"].backward()  # no objects asked for, none given
+
+
+def test_object_tokens_read_the_largest_ground_truth_boxes_of_box_labelled_images_only():
+    model = build(OBJECTS)
+    full = three_images()
+    base = partial_losses(model, full)["caption"]
+
+    def caption_loss(change, has_boxes=None):
+        b = replace(three_images(), has_boxes=has_boxes)
+        change(b.targets)
+        return partial_losses(model, b)["caption"]
+
+    def move_first(t):
+        t[0]["boxes"][0] += 10.0
+
+    def add_third(box):  # image 0 already has two boxes (areas 1470 and 2400) of object_tokens=2
+        def change(t):
+            t[0]["boxes"] = torch.cat([t[0]["boxes"], torch.tensor([box])])
+            t[0]["labels"] = torch.cat([t[0]["labels"], torch.tensor([3])])
+
+        return change
+
+    assert not torch.allclose(caption_loss(move_first), base)
+    torch.testing.assert_close(caption_loss(add_third([50.0, 30.0, 80.0, 60.0])), base)  # area 900: not read
+    assert not torch.allclose(caption_loss(add_third([0.0, 0.0, 90.0, 60.0])), base)  # 5400: read
+    # Image 0 not labelled for boxes: its target is not read, whatever it holds.
+    unboxed = caption_loss(lambda t: None, [False, True, True])
+    torch.testing.assert_close(caption_loss(move_first, [False, True, True]), unboxed)
+    assert not torch.allclose(unboxed, base)
+
+
+def test_the_caption_loss_trains_the_object_projection_and_not_the_box_head():
+    model = build(OBJECTS)
+    partial_losses(model, three_images())["caption"].backward()
+    box_head = model.detector.roi_heads.stages[-1].box_head
+    assert all(p.grad is None for p in box_head.parameters())
+    assert model.captioner.objects.proj[0].weight.grad.abs().sum() > 0
+    assert model.detector.roi_heads.stages[-1].box_head.training  # put back in training mode
+
+
+def test_object_tokens_in_eval_are_the_confident_detections():
+    model = build(OBJECTS, "model.captioner.object_min_score=0.0")
+    b = three_images()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.caption_memory(b.images, b.image_sizes)
+    model.eval()
+    _, _, _, objects = model.caption_memory(b.images, b.image_sizes)
+    detections = model(b.images, image_sizes=b.image_sizes)
+    assert all(len(d["boxes"]) >= 2 for d in detections)
+    for i, d in enumerate(detections):
+        assert objects.mask[i].tolist() == [1, 1]
+        torch.testing.assert_close(objects.boxes[i], d["boxes"][:2])
+    sure = build(OBJECTS, "model.captioner.object_min_score=0.99").eval()
+    assert not sure.caption_memory(b.images, b.image_sizes)[3].mask.any()
+    assert all("caption_ids" in r for r in sure(b.images, image_sizes=b.image_sizes))

@@ -214,6 +214,12 @@ class CaptionerConfig:
     # Visual memory: the last backbone stage flattened; optionally add FPN levels too.
     use_fpn_levels: bool = False
     fpn_levels: list[str] = field(default_factory=lambda: ["2"])
+    # Object tokens: the decoder also reads, per image, the detector's last-stage box-head features and the
+    # box geometry of up to this many objects (0: off): the largest ground-truth boxes in training, the detections
+    # scoring >= object_min_score in eval. The captioner reads these features and does not train them (no
+    # caption gradient reaches the box head). Off without the detector (loss.task=caption).
+    object_tokens: int = 0
+    object_min_score: float = 0.3
     max_new_tokens: int = 30
     num_beams: int = 1  # 1 = greedy
     dropout: float = 0.1
@@ -549,6 +555,10 @@ def validate(cfg: Config | DictConfig) -> None:
     bad_levels = set(cap.fpn_levels) - {"0", "1", "2", "3", "pool"}
     if bad_levels:
         fail("model.captioner.fpn_levels", f"unknown levels {sorted(bad_levels)}; use 0, 1, 2, 3, pool")
+    if cap.object_tokens < 0:
+        fail("model.captioner.object_tokens", f"must be >= 0, got {cap.object_tokens}")
+    if not 0 <= cap.object_min_score < 1:
+        fail("model.captioner.object_min_score", "must be in [0, 1)")
     if cap.use_fpn_levels and cfg.loss.task == Task.caption:
         fail("model.captioner.use_fpn_levels", "FPN levels are not built for loss.task=caption")
     if cap.n_embd % cap.n_head:

@@ -37,12 +37,18 @@ def grounding_gap(model: TICOD, batches: Iterable[Batch]) -> dict[str, float]:
             images = batch.images
             if images.shape[0] < 2:
                 raise ValueError("grounding_gap needs batches of at least 2 images")
-            maps, sizes, shape = model.caption_memory(images, batch.image_sizes)
+            maps, sizes, shape, objects = model.caption_memory(images, batch.image_sizes)
             ids, mask = batch.captions["input_ids"], batch.captions["attention_mask"]
-            loss = model.captioner(maps, sizes, shape, ids, mask, label_smoothing=0.0)
+            loss = model.captioner(maps, sizes, shape, ids, mask, label_smoothing=0.0, objects=objects)
             other = [*range(1, len(sizes)), 0]
             swapped = model.captioner(
-                [m[other] for m in maps], [sizes[i] for i in other], shape, ids, mask, label_smoothing=0.0
+                [m[other] for m in maps],
+                [sizes[i] for i in other],
+                shape,
+                ids,
+                mask,
+                label_smoothing=0.0,
+                objects=None if objects is None else objects.rows(other),
             )
             own.append(float(loss))
             gaps.append(float(swapped - loss))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
@@ -73,6 +74,57 @@ class VisualMemory(nn.Module):
         return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
 
 
+@dataclass
+class Objects:
+    """Up to N objects per image that the decoder reads beside the feature maps (zero-padded, masked).
+
+    Attributes:
+        features: (B, N, F) the detector's box-head features of each object's box.
+        boxes: (B, N, 4) xyxy in the pixels of the image (before batch padding).
+        mask: (B, N) int64, 1 = an object, 0 = padding.
+    """
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    mask: torch.Tensor
+
+    def rows(self, index: Sequence[int]) -> Objects:
+        """These objects of the images ``index`` (in that order)."""
+        return Objects(self.features[list(index)], self.boxes[list(index)], self.mask[list(index)])
+
+
+def box_geometry(boxes: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(B, N, 5): x1, y1, x2, y2 as fractions of each image's width/height, and the box's area fraction."""
+    hw = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # (B, 2) h, w
+    scale = hw[:, [1, 0, 1, 0]][:, None, :]
+    rel = boxes / scale
+    area = (rel[..., 2] - rel[..., 0]).clamp(min=0) * (rel[..., 3] - rel[..., 1]).clamp(min=0)
+    return torch.cat([rel, area[..., None]], dim=-1)
+
+
+class ObjectMemory(nn.Module):
+    """Objects -> decoder tokens: Linear + LayerNorm of each object's feature and box geometry, plus a
+    learned embedding that sets them apart from the feature-map tokens.
+
+    Args:
+        feature_dim: Width of the object features (the box head's representation size).
+        dim: Decoder width.
+    """
+
+    def __init__(self, feature_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(feature_dim + 5, dim), nn.LayerNorm(dim))
+        self.type_embed = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.type_embed, std=0.02)
+
+    def forward(
+        self, objects: Objects, image_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, dim) and their mask (B, N)."""
+        x = torch.cat([objects.features, box_geometry(objects.boxes, image_sizes)], dim=-1)
+        return self.proj(x.to(self.type_embed.dtype)) + self.type_embed, objects.mask
+
+
 def build_gpt2(cfg: CaptionerConfig, vocab_size: int, bos: int, eos: int, pad: int) -> GPT2LMHeadModel:
     """GPT-2 with cross-attention: pretrained from a hub name/local dir, or random from the config sizes."""
     dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
@@ -119,6 +171,7 @@ class CaptionDecoder(nn.Module):
         bos_token_id: Start token fed as the first input.
         eos_token_id: End token (generation stops on it).
         pad_token_id: Padding token of generated sequences.
+        object_dim: Width of the object features given to :meth:`forward` (0: the decoder reads no objects).
     """
 
     def __init__(
@@ -129,12 +182,14 @@ class CaptionDecoder(nn.Module):
         bos_token_id: int,
         eos_token_id: int,
         pad_token_id: int,
+        object_dim: int = 0,
     ) -> None:
         super().__init__()
         self.gpt = build_gpt2(cfg, vocab_size, bos_token_id, eos_token_id, pad_token_id)
         # transformers cannot infer the loss from the class name "GPT2LMHeadModel" and warns; name it.
         self.gpt.loss_type = "ForCausalLM"
         self.memory = VisualMemory(visual_channels, self.gpt.config.n_embd)
+        self.objects = ObjectMemory(object_dim, self.gpt.config.n_embd) if object_dim else None
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.num_beams = cfg.num_beams
         self.label_smoothing = cfg.label_smoothing
@@ -151,6 +206,24 @@ class CaptionDecoder(nn.Module):
         else:
             self.gpt.activation_checkpointing_disable()
 
+    def read(
+        self,
+        maps: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_shape: tuple[int, int],
+        objects: Objects | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What cross-attention reads: the maps' tokens, then the objects' (B, N, dim), and their mask."""
+        memory, mask = self.memory(maps, image_sizes, padded_shape)
+        if self.objects is None:
+            if objects is not None:
+                raise ValueError("objects given to a decoder built without object tokens")
+            return memory, mask
+        if objects is None:
+            raise ValueError("this decoder reads object tokens (model.captioner.object_tokens): pass objects")
+        tokens, object_mask = self.objects(objects, image_sizes)
+        return torch.cat([memory, tokens], dim=1), torch.cat([mask, object_mask.to(mask.dtype)], dim=1)
+
     def forward(
         self,
         maps: list[torch.Tensor],
@@ -160,6 +233,7 @@ class CaptionDecoder(nn.Module):
         attention_mask: torch.Tensor,
         has_caption: Sequence[bool] | None = None,
         label_smoothing: float | None = None,
+        objects: Objects | None = None,
     ) -> torch.Tensor:
         """Teacher-forced mean token cross-entropy over the captioned rows' tokens.
 
@@ -174,8 +248,9 @@ class CaptionDecoder(nn.Module):
                 not targets, so the loss equals that of the captioned rows alone; with no captioned row it
                 is an exact 0 that still reaches every weight (see below).
             label_smoothing: Of the cross-entropy; None: the configured one (0 gives the plain likelihood).
+            objects: Each image's objects (required when built with ``object_dim``).
         """
-        memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
+        memory, memory_mask = self.read(maps, image_sizes, padded_shape, objects)
         k = captions_per_image(len(input_ids), len(image_sizes))
         if k > 1:
             memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
@@ -220,6 +295,7 @@ class CaptionDecoder(nn.Module):
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         use_cache: bool = True,
+        objects: Objects | None = None,
     ) -> list[torch.Tensor]:
         """Greedy (num_beams=1) or beam-search captions.
 
@@ -230,7 +306,7 @@ class CaptionDecoder(nn.Module):
         Returns:
             Per image the generated ids without BOS, EOS and padding (int64, possibly empty).
         """
-        memory, memory_mask = self.memory(maps, image_sizes, padded_shape)
+        memory, memory_mask = self.read(maps, image_sizes, padded_shape, objects)
         batch = memory.shape[0]
         start = torch.full((batch, 1), self.bos_token_id, dtype=torch.int64, device=memory.device)
         # generate() repeats every tensor kwarg per beam (encoder_hidden_states included) for

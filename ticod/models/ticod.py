@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
 
 from ticod.config import DataConfig, LossConfig, ModelConfig, Task
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
-from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, caption_rows, captions_per_image
+from ticod.models.captioner import (
+    CROSS_ATTENTION_PARTS,
+    CaptionDecoder,
+    Objects,
+    caption_rows,
+    captions_per_image,
+)
 from ticod.models.detector import FPN_LEVELS, Detector
 from ticod.models.losses import LossCombiner
+
+log = logging.getLogger(__name__)
 
 
 class TICOD(nn.Module):
@@ -65,6 +75,14 @@ class TICOD(nn.Module):
         if self.fpn_levels and task == Task.caption:
             # Without the detector some FPN layers would get no gradient (ZeRO hangs on that).
             raise ValueError("model.captioner.use_fpn_levels needs the detector (loss.task joint)")
+        # Objects come from the detector: none without it (the caption-only arm of a joint config).
+        self.object_tokens = cap_cfg.object_tokens if task == Task.joint else 0
+        if cap_cfg.object_tokens and task == Task.caption:
+            log.info(
+                "model.captioner.object_tokens=%d: off for loss.task=caption (no detector)",
+                cap_cfg.object_tokens,
+            )
+        self.object_min_score = cap_cfg.object_min_score
 
         # Caption-only reads the last stage only; its other stage norms would get no gradient.
         self.backbone = SwinBackbone(
@@ -83,7 +101,13 @@ class TICOD(nn.Module):
         if task != Task.detection:
             visual = [self.backbone.channels[-1]] + [model_cfg.fpn_channels] * len(self.fpn_levels)
             self.captioner = CaptionDecoder(
-                cap_cfg, visual, vocab_size, bos_token_id, eos_token_id, pad_token_id
+                cap_cfg,
+                visual,
+                vocab_size,
+                bos_token_id,
+                eos_token_id,
+                pad_token_id,
+                object_dim=model_cfg.roi.representation_size if self.object_tokens else 0,
             )
         self.loss_combiner = LossCombiner(
             loss_cfg, list(model_cfg.roi.stage_loss_weights), model_cfg.roi.box_loss_weight
@@ -117,6 +141,8 @@ class TICOD(nn.Module):
             counts["gpt2"] = count(self.captioner.gpt, lambda n: not is_cross(n))
             counts["cross_attention"] = count(self.captioner.gpt, is_cross)
             counts["visual_memory"] = count(self.captioner.memory)
+            if self.captioner.objects is not None:
+                counts["object_memory"] = count(self.captioner.objects)
         if balance := count(self.loss_combiner):  # learned task weights (balance=uncertainty)
             counts["loss_balance"] = balance
         return counts
@@ -184,6 +210,17 @@ class TICOD(nn.Module):
         if self.captioner is not None:
             if captions is None:
                 raise ValueError("training the captioner needs captions")
+            objects = None
+            if self.object_tokens:  # the largest ground-truth boxes of the images labelled for boxes
+                assert fpn is not None and targets is not None  # joint: the full batch's maps (see above)
+                boxed = [True] * len(sizes) if has_boxes is None else list(has_boxes)
+                boxes = [
+                    largest(t["boxes"].reshape(-1, 4).to(torch.float32), self.object_tokens)
+                    if b
+                    else padded.new_zeros((0, 4))
+                    for t, b in zip(targets, boxed, strict=True)
+                ]
+                objects = self._objects(fpn, boxes, sizes)
             losses["caption"] = self.captioner(
                 self._memory_maps(features, fpn),
                 sizes,
@@ -191,6 +228,7 @@ class TICOD(nn.Module):
                 captions["input_ids"],
                 captions["attention_mask"],
                 has_caption,
+                objects=objects,
             )
         # A task without a labelled image in the batch: its loss is a zero stand-in (see above), and with
         # learned task weights its log-variance must not be pulled down by it either.
@@ -232,7 +270,7 @@ class TICOD(nn.Module):
         else:
             targets = [targets[i] for i in rows]
         fpn = None
-        if self.fpn_levels:  # the captioner reads the maps of every image
+        if self.fpn_levels or self.object_tokens:  # the captioner reads the maps of every image
             fpn = self.detector.fpn(features)
             sub_fpn = {name: select_rows(x, rows) for name, x in fpn.items()}
         else:
@@ -260,7 +298,13 @@ class TICOD(nn.Module):
                     boxes = resize_boxes(boxes, sizes[i], [int(s) for s in orig_sizes[i]])
                 res.update(boxes=boxes, scores=det["scores"], labels=det["labels"])
         if self.captioner is not None:
-            ids = self.captioner.generate(self._memory_maps(features, fpn), sizes, tuple(padded.shape[-2:]))
+            objects = None
+            if self.object_tokens:
+                assert fpn is not None
+                objects = self._objects(fpn, self._confident_boxes(detections), sizes)
+            ids = self.captioner.generate(
+                self._memory_maps(features, fpn), sizes, tuple(padded.shape[-2:]), objects=objects
+            )
             self._add_captions(results, ids)
         return results
 
@@ -275,19 +319,66 @@ class TICOD(nn.Module):
         """Caption ids (without BOS/EOS) per image; beams and length default to the config's."""
         if self.captioner is None:
             raise RuntimeError("this model was built without the captioner (loss.task=detection)")
-        maps, sizes, shape = self.caption_memory(images, image_sizes)
-        return self.captioner.generate(maps, sizes, shape, num_beams, max_new_tokens)
+        maps, sizes, shape, objects = self.caption_memory(images, image_sizes)
+        return self.captioner.generate(maps, sizes, shape, num_beams, max_new_tokens, objects=objects)
 
     def caption_memory(
         self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None
-    ) -> tuple[list[torch.Tensor], list[tuple[int, int]], tuple[int, int]]:
-        """What the caption decoder cross-attends to for ``images``: its feature maps, the images' (h, w)
-        and the padded batch's (h, w), as the decoder's forward and ``generate`` take them."""
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]], tuple[int, int], Objects | None]:
+        """What the caption decoder cross-attends to for ``images``: its feature maps, the images' (h, w),
+        the padded batch's (h, w) and the detected objects (None without object tokens), as the decoder's
+        forward and ``generate`` take them. With object tokens the model must be in eval mode (it detects)."""
         sizes = self._image_sizes(images, image_sizes)
         padded = pad_to_multiple(self.normalize(images, sizes), self.backbone.size_divisor)
         features = self.backbone(padded)
-        fpn = self.detector.fpn(features) if self.fpn_levels else None
-        return self._memory_maps(features, fpn), sizes, (int(padded.shape[-2]), int(padded.shape[-1]))
+        fpn = self.detector.fpn(features) if self.fpn_levels or self.object_tokens else None
+        objects = None
+        if self.object_tokens:
+            if self.training:
+                raise RuntimeError("caption_memory with object tokens detects the objects: call model.eval()")
+            assert self.detector is not None and fpn is not None
+            detections, _ = self.detector.heads(padded, fpn, sizes)
+            objects = self._objects(fpn, self._confident_boxes(detections), sizes)
+        shape = (int(padded.shape[-2]), int(padded.shape[-1]))
+        return self._memory_maps(features, fpn), sizes, shape, objects
+
+    def _confident_boxes(self, detections: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per image the boxes of the detections scoring >= object_min_score (most confident first)."""
+        return [d["boxes"][d["scores"] >= self.object_min_score] for d in detections]
+
+    @torch.no_grad()
+    def _objects(
+        self, fpn: dict[str, torch.Tensor], boxes: list[torch.Tensor], sizes: list[tuple[int, int]]
+    ) -> Objects:
+        """The first ``object_tokens`` boxes of each image with the last cascade stage's box-head features
+        (RoIAlign on the FPN maps as the cascade pools them), zero-padded to one (B, N) batch.
+
+        Read without gradient and with the box head in eval mode (its norms neither update running
+        statistics nor sync across ranks here); every rank runs it even with no box, so ZeRO-3's weight
+        gathers stay in step.
+        """
+        assert self.detector is not None
+        heads = self.detector.roi_heads
+        box_head = heads.stages[-1].box_head
+        boxes = [b[: self.object_tokens].to(torch.float32) for b in boxes]
+        was_training = box_head.training
+        box_head.eval()
+        try:
+            pooled = heads.box_roi_pool(fpn, boxes, sizes)
+            features = box_head(pooled).float()
+        finally:
+            box_head.train(was_training)
+        n, width = self.object_tokens, features.shape[-1]
+        out = Objects(
+            features.new_zeros((len(boxes), n, width)),
+            features.new_zeros((len(boxes), n, 4)),
+            torch.zeros((len(boxes), n), dtype=torch.int64, device=features.device),
+        )
+        for i, part in enumerate(features.split([len(b) for b in boxes])):
+            out.features[i, : len(part)] = part
+            out.boxes[i, : len(part)] = boxes[i]
+            out.mask[i, : len(part)] = 1
+        return out
 
     def normalize(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """:func:`normalize_pixels` with this model's ``pixel_mean``/``pixel_std`` (floats pass through)."""
@@ -320,6 +411,14 @@ class TICOD(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {images.shape[0]}")
         return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def largest(boxes: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` largest of (N, 4) xyxy boxes by area, in their given order (all of them when N <= n)."""
+    if len(boxes) <= n:
+        return boxes
+    keep = box_ops.box_area(boxes).argsort(descending=True, stable=True)[:n]
+    return boxes[keep.sort().values]
 
 
 def labelled_tasks(has_boxes: Sequence[bool] | None, has_caption: Sequence[bool] | None) -> tuple[bool, bool]:

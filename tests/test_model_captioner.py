@@ -10,14 +10,21 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ticod.config import CaptionerConfig
-from ticod.models.captioner import CROSS_ATTENTION_PARTS, CaptionDecoder, Objects, VisualMemory, box_geometry
+from ticod.models.captioner import (
+    CROSS_ATTENTION_PARTS,
+    CaptionDecoder,
+    ObjectMemory,
+    Objects,
+    VisualMemory,
+    box_geometry,
+)
 
 VOCAB, BOS, EOS = 50, 1, 2
 PADDED = (64, 96)
 SIZES = [(64, 96), (40, 50)]
 
 
-def decoder(object_dim: int = 0, **overrides) -> CaptionDecoder:
+def decoder(object_parts: tuple[int, ...] = (), **overrides) -> CaptionDecoder:
     torch.manual_seed(0)
     cfg = CaptionerConfig(
         **{
@@ -30,7 +37,7 @@ def decoder(object_dim: int = 0, **overrides) -> CaptionDecoder:
             **overrides,
         }
     )
-    return CaptionDecoder(cfg, [16], VOCAB, BOS, EOS, EOS, object_dim=object_dim)
+    return CaptionDecoder(cfg, [16], VOCAB, BOS, EOS, EOS, object_parts=object_parts)
 
 
 def maps() -> list[torch.Tensor]:
@@ -141,8 +148,27 @@ def test_box_geometry_is_relative_to_each_image():
     torch.testing.assert_close(geo[1, 0], torch.tensor([0.1, 0.1, 0.5, 0.6, 0.2]))
 
 
+def test_each_part_of_an_object_enters_at_its_own_scale():
+    """A class-probability part (sums to 1) moves the token as much whatever the scale of the feature part
+    beside it; one Linear over the concatenation would let 1000x larger features drown it."""
+    torch.manual_seed(0)
+    memory = ObjectMemory([5, 3], 16)
+    box = torch.tensor([[[0.0, 0.0, 20.0, 20.0]] * 2])
+
+    def class_effect(feature_scale: float) -> torch.Tensor:
+        feature = torch.randn(1, 1, 5, generator=torch.Generator().manual_seed(1)) * feature_scale
+        one_hot = torch.eye(3)[None, :2]  # the same object as class 0, then as class 1
+        tokens, _ = memory(
+            Objects(torch.cat([feature.expand(1, 2, 5), one_hot], -1), box, torch.ones(1, 2)), [(40, 40)]
+        )
+        return tokens[0, 1] - tokens[0, 0]
+
+    torch.testing.assert_close(class_effect(1000.0), class_effect(1.0))
+    assert class_effect(1.0).norm() > 1.0
+
+
 def test_object_tokens_reach_the_loss_and_their_padding_does_not():
-    dec = decoder(object_dim=8).eval()
+    dec = decoder(object_parts=(5, 3)).eval()
     ids, mask = captions()
     base = dec(maps(), SIZES, PADDED, ids, mask, objects=objects())
     padding = objects()
@@ -151,7 +177,7 @@ def test_object_tokens_reach_the_loss_and_their_padding_does_not():
     torch.testing.assert_close(dec(maps(), SIZES, PADDED, ids, mask, objects=padding), base)
     feature, box = objects(), objects()
     feature.features[1, 0] += 1.0
-    box.boxes[0, 1, 2:] -= 20.0  # the same feature at another place
+    box.boxes[0, 1] = torch.tensor([60.0, 40.0, 96.0, 64.0])  # the same feature at another place
     for other in (feature, box):
         assert not torch.allclose(dec(maps(), SIZES, PADDED, ids, mask, objects=other), base)
     # Generation reads them as well; a decoder built with objects needs them, one without refuses them.

@@ -169,6 +169,25 @@ def test_inference_averages_stage_scores_and_takes_last_stage_boxes():
     torch.testing.assert_close(det["boxes"], torch.tensor([[10.0, 8.0, 30.0, 24.0]]).expand(3, 4))
 
 
+def test_describe_gives_the_last_box_head_feature_and_the_stage_averaged_probabilities_in_eval_mode():
+    """What object tokens read of a box: the eval-mode box-head feature the last classifier reads, and the
+    class probabilities averaged over the stages as inference scores them; the heads stay in training mode
+    (a SyncBN head would otherwise update its running statistics from the caption's boxes)."""
+    head = three_stage_head(head="4conv1fc", norm="syncbn").train()
+    pooled = head.box_roi_pool(
+        features(1), [torch.tensor([[8.0, 8.0, 28.0, 24.0], [30, 30, 60, 50]])], [(IMAGE, IMAGE)]
+    )
+    stats = [b.clone() for b in head.stages[0].box_head.buffers()]
+    feature, probs = head.describe(pooled)
+    assert all(stage.box_head.training for stage in head.stages)
+    assert all(torch.equal(a, b) for a, b in zip(stats, head.stages[0].box_head.buffers(), strict=True))
+    head.eval()
+    expected = torch.stack([torch.softmax(stage(pooled)[0], -1) for stage in head.stages]).mean(0)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(feature, head.stages[-1].box_head(pooled))
+    assert feature.shape == (2, 32) and not feature.requires_grad and not probs.requires_grad
+
+
 def test_training_refines_boxes_between_stages_without_gradient_through_them():
     head = three_stage_head().train()
     feats = {k: v.requires_grad_() for k, v in features().items()}

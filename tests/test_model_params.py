@@ -73,5 +73,6 @@ def test_object_memory_is_counted_where_the_decoder_reads_objects():
     model = count_params.build_on_meta(ROOT / "configs" / "demo.yaml")  # object_tokens 10, box head 256 wide
     counts = model.parameter_counts()
     assert sum(counts.values()) == numel(model)
-    # Linear(256 features + 5 geometry -> 128) + LayerNorm(128) + the object type embedding.
-    assert counts["object_memory"] == (256 + 5) * 128 + 128 + 2 * 128 + 128
+    # Per part (256 box-head features, 7 class probabilities, 27 thumbnail pixels, 5 geometry) a
+    # Linear(-> 128) + LayerNorm(128), and the object type embedding.
+    assert counts["object_memory"] == sum((w + 1) * 128 + 2 * 128 for w in (256, 7, 27, 5)) + 128

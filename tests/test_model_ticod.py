@@ -19,6 +19,7 @@ from tiny_model import (
     partially_labelled,
     word_tokenizer,
 )
+from torchvision.ops import roi_align
 
 from ticod.data.samples import Batch
 from ticod.models import TICOD
@@ -329,7 +330,11 @@ def test_object_tokens_read_the_largest_ground_truth_boxes_of_box_labelled_image
 
         return change
 
+    def relabel_first(t):
+        t[0]["labels"][0] = 2
+
     assert not torch.allclose(caption_loss(move_first), base)
+    assert not torch.allclose(caption_loss(relabel_first), base)  # the true class is read too
     torch.testing.assert_close(caption_loss(add_third([50.0, 30.0, 80.0, 60.0])), base)  # area 900: not read
     assert not torch.allclose(caption_loss(add_third([0.0, 0.0, 90.0, 60.0])), base)  # 5400: read
     # Image 0 not labelled for boxes: its target is not read, whatever it holds.
@@ -338,17 +343,52 @@ def test_object_tokens_read_the_largest_ground_truth_boxes_of_box_labelled_image
     assert not torch.allclose(unboxed, base)
 
 
-def test_the_caption_loss_trains_the_object_projection_and_not_the_box_head():
+def test_the_caption_loss_trains_the_object_projection_and_not_the_box_heads_or_the_fpn():
+    """Object tokens read the box heads' feature and class probabilities and the mean RoI feature without
+    gradient: the caption loss trains the projection of each part, and neither the box heads, their
+    classifiers, nor (through these reads) the FPN."""
     model = build(OBJECTS)
     partial_losses(model, three_images())["caption"].backward()
-    box_head = model.detector.roi_heads.stages[-1].box_head
-    assert all(p.grad is None for p in box_head.parameters())
-    assert model.captioner.objects.proj[0].weight.grad.abs().sum() > 0
-    assert model.detector.roi_heads.stages[-1].box_head.training  # put back in training mode
+    heads = model.detector.roi_heads
+    assert all(p.grad is None for p in heads.parameters())
+    assert all(p.grad is None for p in model.detector.fpn.parameters())
+    assert all(proj[0].weight.grad.abs().sum() > 0 for proj in model.captioner.objects.proj)
+    assert all(stage.box_head.training for stage in heads.stages)  # put back in training mode
+
+
+def test_an_object_is_its_box_head_feature_class_probabilities_and_rgb_thumbnail():
+    """Each token's input: what the detector knows of the box (:meth:`CascadeRoIHeads.describe`) and the
+    box's normalised pixels at 3 x 3; an image's boxes beyond ``object_tokens`` are left out."""
+    model = build(OBJECTS).eval()
+    b = three_images()
+    padded = model.normalize(b.images, b.image_sizes)
+    fpn = model.detector.fpn(model.backbone(padded))
+    boxes = [
+        torch.tensor([[2.0, 3, 40, 25]]),
+        torch.zeros((0, 4)),
+        torch.tensor([[0.0, 0, 30, 30], [5, 5, 60, 50], [1, 1, 9, 9]]),
+    ]
+    objects = model._objects(padded, fpn, boxes, b.image_sizes)
+    heads = model.detector.roi_heads
+    kept = [x[:2] for x in boxes]
+    feature, probs = heads.describe(heads.box_roi_pool(fpn, kept, b.image_sizes))
+    # The thumbnail's top-left cell of the first box: the mean of its top-left 12.67 x 7.33 pixels.
+    thumb = objects.features[0, 0, -27:].reshape(3, 3, 3)
+    torch.testing.assert_close(thumb[:, 0, 0], padded[0, :, 3:10, 2:15].mean(dim=(1, 2)), atol=0.03, rtol=0)
+    pixels = roi_align(padded, kept, 3, spatial_scale=1.0, sampling_ratio=0, aligned=True).flatten(1)
+    assert objects.mask.tolist() == [[1, 0], [0, 0], [1, 1]]
+    torch.testing.assert_close(objects.features[objects.mask.bool()], torch.cat([feature, probs, pixels], -1))
+    assert model.captioner.objects.parts == [feature.shape[-1], probs.shape[-1], 27]
+    # Ground-truth boxes (training) come with their classes: the class part is their one-hot.
+    labels = [torch.tensor([3]), torch.zeros(0, dtype=torch.int64), torch.tensor([1, 2, 3])]
+    truth = model._objects(padded, fpn, boxes, b.image_sizes, labels)
+    k = probs.shape[-1]
+    classes = truth.features[truth.mask.bool()][:, feature.shape[-1] : feature.shape[-1] + k]
+    torch.testing.assert_close(classes, torch.eye(k)[[3, 1, 2]])
 
 
 def test_object_tokens_in_eval_are_the_confident_detections():
-    model = build(OBJECTS, "model.captioner.object_min_score=0.0")
+    model = build(OBJECTS, "model.captioner.object_min_score=0.0", "model.captioner.object_nms_iou=1.0")
     b = three_images()
     with pytest.raises(RuntimeError, match="eval"):
         model.caption_memory(b.images, b.image_sizes)
@@ -362,3 +402,22 @@ def test_object_tokens_in_eval_are_the_confident_detections():
     sure = build(OBJECTS, "model.captioner.object_min_score=0.99").eval()
     assert not sure.caption_memory(b.images, b.image_sizes)[3].mask.any()
     assert all("caption_ids" in r for r in sure(b.images, image_sizes=b.image_sizes))
+
+
+def test_eval_objects_are_distinct_whatever_the_class():
+    """One object detected as two classes is one token (the detector's NMS is per class), the survivor the
+    more confident; objects that overlap less stay, most confident first."""
+    model = build(OBJECTS)
+    boxes = torch.tensor(
+        [[0.0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40], [0, 0, 10, 5], [50, 50, 60, 60]]
+    )
+    detections = [
+        {
+            "boxes": boxes,
+            "scores": torch.tensor([0.6, 0.9, 0.5, 0.8, 0.2]),
+            "labels": torch.tensor([1, 2, 1, 1, 3]),
+        }
+    ]
+    torch.testing.assert_close(model._confident_boxes(detections)[0], boxes[[1, 3, 2]])
+    model.object_nms_iou = 1.0
+    torch.testing.assert_close(model._confident_boxes(detections)[0], boxes[[1, 3, 0, 2]])

@@ -214,12 +214,17 @@ class CaptionerConfig:
     # Visual memory: the last backbone stage flattened; optionally add FPN levels too.
     use_fpn_levels: bool = False
     fpn_levels: list[str] = field(default_factory=lambda: ["2"])
-    # Object tokens: the decoder also reads, per image, the detector's last-stage box-head features and the
-    # box geometry of up to this many objects (0: off): the largest ground-truth boxes in training, the detections
-    # scoring >= object_min_score in eval. The captioner reads these features and does not train them (no
-    # caption gradient reaches the box head). Off without the detector (loss.task=caption).
+    # Object tokens: the decoder also reads one token for each of up to this many objects an image (0: off):
+    # the largest ground-truth boxes (with their true classes) in training, the detections scoring >=
+    # object_min_score in eval. A token says what the detector knows of the box (last-stage box-head feature,
+    # stage-averaged class probabilities), what it looks like (a 3x3 RGB thumbnail) and where it is. Read
+    # without gradient: the caption loss does not train the detector through them. Off without the detector
+    # (loss.task=caption).
     object_tokens: int = 0
     object_min_score: float = 0.3
+    # Eval objects are distinct like ground-truth ones: of detections overlapping by IoU > object_nms_iou (any
+    # class: one object detected as two classes), only the most confident is read. 1.0 keeps them all.
+    object_nms_iou: float = 0.5
     max_new_tokens: int = 30
     num_beams: int = 1  # 1 = greedy
     dropout: float = 0.1
@@ -559,6 +564,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("model.captioner.object_tokens", f"must be >= 0, got {cap.object_tokens}")
     if not 0 <= cap.object_min_score < 1:
         fail("model.captioner.object_min_score", "must be in [0, 1)")
+    if not 0 < cap.object_nms_iou <= 1:
+        fail("model.captioner.object_nms_iou", "must be in (0, 1]")
     if cap.use_fpn_levels and cfg.loss.task == Task.caption:
         fail("model.captioner.use_fpn_levels", "FPN levels are not built for loss.task=caption")
     if cap.n_embd % cap.n_head:

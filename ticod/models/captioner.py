@@ -79,7 +79,7 @@ class Objects:
     """Up to N objects per image that the decoder reads beside the feature maps (zero-padded, masked).
 
     Attributes:
-        features: (B, N, F) the detector's box-head features of each object's box.
+        features: (B, N, F) what describes each object (the model decides; see ``TICOD._objects``).
         boxes: (B, N, 4) xyxy in the pixels of the image (before batch padding).
         mask: (B, N) int64, 1 = an object, 0 = padding.
     """
@@ -103,17 +103,23 @@ def box_geometry(boxes: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) ->
 
 
 class ObjectMemory(nn.Module):
-    """Objects -> decoder tokens: Linear + LayerNorm of each object's feature and box geometry, plus a
-    learned embedding that sets them apart from the feature-map tokens.
+    """Objects -> decoder tokens: each part of an object's features and its box geometry through its own
+    Linear + LayerNorm to the decoder width, summed, plus a learned embedding that sets object tokens apart
+    from the feature-map tokens. Normalised apart, each part enters at the same scale: in one Linear over
+    their concatenation, 5 geometry values or a class-probability vector that sums to 1 would move the
+    token far less per Adam step than hundreds of feature values.
 
     Args:
-        feature_dim: Width of the object features (the box head's representation size).
+        parts: Widths of the parts the object features are the concatenation of.
         dim: Decoder width.
     """
 
-    def __init__(self, feature_dim: int, dim: int) -> None:
+    def __init__(self, parts: Sequence[int], dim: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(feature_dim + 5, dim), nn.LayerNorm(dim))
+        self.parts = [int(p) for p in parts]
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim)) for width in [*self.parts, 5]
+        )
         self.type_embed = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.type_embed, std=0.02)
 
@@ -121,8 +127,10 @@ class ObjectMemory(nn.Module):
         self, objects: Objects, image_sizes: Sequence[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, N, dim) and their mask (B, N)."""
-        x = torch.cat([objects.features, box_geometry(objects.boxes, image_sizes)], dim=-1)
-        return self.proj(x.to(self.type_embed.dtype)) + self.type_embed, objects.mask
+        dtype = self.type_embed.dtype
+        parts = [*objects.features.split(self.parts, dim=-1), box_geometry(objects.boxes, image_sizes)]
+        tokens = sum(proj(x.to(dtype)) for proj, x in zip(self.proj, parts, strict=True))
+        return tokens + self.type_embed, objects.mask
 
 
 def build_gpt2(cfg: CaptionerConfig, vocab_size: int, bos: int, eos: int, pad: int) -> GPT2LMHeadModel:
@@ -171,7 +179,8 @@ class CaptionDecoder(nn.Module):
         bos_token_id: Start token fed as the first input.
         eos_token_id: End token (generation stops on it).
         pad_token_id: Padding token of generated sequences.
-        object_dim: Width of the object features given to :meth:`forward` (0: the decoder reads no objects).
+        object_parts: Widths of the parts of the object features given to :meth:`forward` (none: the decoder
+            reads no objects).
     """
 
     def __init__(
@@ -182,14 +191,14 @@ class CaptionDecoder(nn.Module):
         bos_token_id: int,
         eos_token_id: int,
         pad_token_id: int,
-        object_dim: int = 0,
+        object_parts: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.gpt = build_gpt2(cfg, vocab_size, bos_token_id, eos_token_id, pad_token_id)
         # transformers cannot infer the loss from the class name "GPT2LMHeadModel" and warns; name it.
         self.gpt.loss_type = "ForCausalLM"
         self.memory = VisualMemory(visual_channels, self.gpt.config.n_embd)
-        self.objects = ObjectMemory(object_dim, self.gpt.config.n_embd) if object_dim else None
+        self.objects = ObjectMemory(object_parts, self.gpt.config.n_embd) if object_parts else None
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.num_beams = cfg.num_beams
         self.label_smoothing = cfg.label_smoothing
@@ -248,7 +257,7 @@ class CaptionDecoder(nn.Module):
                 not targets, so the loss equals that of the captioned rows alone; with no captioned row it
                 is an exact 0 that still reaches every weight (see below).
             label_smoothing: Of the cross-entropy; None: the configured one (0 gives the plain likelihood).
-            objects: Each image's objects (required when built with ``object_dim``).
+            objects: Each image's objects (required when built with ``object_parts``).
         """
         memory, memory_mask = self.read(maps, image_sizes, padded_shape, objects)
         k = captions_per_image(len(input_ids), len(image_sizes))

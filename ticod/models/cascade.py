@@ -375,6 +375,24 @@ class CascadeRoIHeads(nn.Module):
             for b, s, size in zip(pred.split(counts), scores.split(counts), image_sizes, strict=True)
         ]
 
+    @torch.no_grad()
+    def describe(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the detector knows of given boxes' pooled features: the last stage's box-head feature
+        (R, representation_size), which its classifier reads linearly, and the stage-averaged class
+        probabilities (R, K + 1), as :meth:`predict` scores. Every box head runs in eval mode here (its
+        norms neither update running statistics nor sync across ranks)."""
+        modes = [stage.box_head.training for stage in self.stages]
+        probs = []
+        try:
+            for stage in self.stages:
+                stage.box_head.eval()
+                x = stage.box_head(roi_features)
+                probs.append(F.softmax(stage.cls_score(x).float(), dim=-1))
+        finally:
+            for stage, mode in zip(self.stages, modes, strict=True):
+                stage.box_head.train(mode)
+        return x.float(), torch.stack(probs).mean(dim=0)
+
     def postprocess(
         self, boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int]
     ) -> dict[str, torch.Tensor]:

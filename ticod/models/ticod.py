@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align
 
 from ticod.config import DataConfig, LossConfig, ModelConfig, Task
 from ticod.models.backbone import SwinBackbone, pad_to_multiple
@@ -22,6 +24,9 @@ from ticod.models.captioner import (
 )
 from ticod.models.detector import FPN_LEVELS, Detector
 from ticod.models.losses import LossCombiner
+
+# Side of the RGB thumbnail of each object's box that object tokens read (TICOD._objects).
+THUMBNAIL = 3
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class TICOD(nn.Module):
                 cap_cfg.object_tokens,
             )
         self.object_min_score = cap_cfg.object_min_score
+        self.object_nms_iou = cap_cfg.object_nms_iou
 
         # Caption-only reads the last stage only; its other stage norms would get no gradient.
         self.backbone = SwinBackbone(
@@ -107,7 +113,7 @@ class TICOD(nn.Module):
                 bos_token_id,
                 eos_token_id,
                 pad_token_id,
-                object_dim=model_cfg.roi.representation_size if self.object_tokens else 0,
+                object_parts=object_parts(model_cfg) if self.object_tokens else (),
             )
         self.loss_combiner = LossCombiner(
             loss_cfg, list(model_cfg.roi.stage_loss_weights), model_cfg.roi.box_loss_weight
@@ -214,13 +220,13 @@ class TICOD(nn.Module):
             if self.object_tokens:  # the largest ground-truth boxes of the images labelled for boxes
                 assert fpn is not None and targets is not None  # joint: the full batch's maps (see above)
                 boxed = [True] * len(sizes) if has_boxes is None else list(has_boxes)
-                boxes = [
-                    largest(t["boxes"].reshape(-1, 4).to(torch.float32), self.object_tokens)
-                    if b
-                    else padded.new_zeros((0, 4))
-                    for t, b in zip(targets, boxed, strict=True)
-                ]
-                objects = self._objects(fpn, boxes, sizes)
+                boxes, labels = [], []
+                for t, b in zip(targets, boxed, strict=True):
+                    gt = t["boxes"].reshape(-1, 4).to(torch.float32)
+                    keep = largest(gt, self.object_tokens) if b else gt.new_zeros(0, dtype=torch.int64)
+                    boxes.append(gt[keep])
+                    labels.append(t["labels"][keep])
+                objects = self._objects(padded, fpn, boxes, sizes, labels)
             losses["caption"] = self.captioner(
                 self._memory_maps(features, fpn),
                 sizes,
@@ -301,7 +307,7 @@ class TICOD(nn.Module):
             objects = None
             if self.object_tokens:
                 assert fpn is not None
-                objects = self._objects(fpn, self._confident_boxes(detections), sizes)
+                objects = self._objects(padded, fpn, self._confident_boxes(detections), sizes)
             ids = self.captioner.generate(
                 self._memory_maps(features, fpn), sizes, tuple(padded.shape[-2:]), objects=objects
             )
@@ -338,43 +344,66 @@ class TICOD(nn.Module):
                 raise RuntimeError("caption_memory with object tokens detects the objects: call model.eval()")
             assert self.detector is not None and fpn is not None
             detections, _ = self.detector.heads(padded, fpn, sizes)
-            objects = self._objects(fpn, self._confident_boxes(detections), sizes)
+            objects = self._objects(padded, fpn, self._confident_boxes(detections), sizes)
         shape = (int(padded.shape[-2]), int(padded.shape[-1]))
         return self._memory_maps(features, fpn), sizes, shape, objects
 
     def _confident_boxes(self, detections: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Per image the boxes of the detections scoring >= object_min_score (most confident first)."""
-        return [d["boxes"][d["scores"] >= self.object_min_score] for d in detections]
+        """Per image the boxes of the detections scoring >= object_min_score, most confident first, without
+        the less confident of two overlapping by IoU > object_nms_iou whatever their classes (the detector's
+        NMS is per class, so one object scored as two classes would be read twice)."""
+        out = []
+        for d in detections:
+            sure = d["scores"] >= self.object_min_score
+            boxes, scores = d["boxes"][sure], d["scores"][sure]
+            if self.object_nms_iou < 1:
+                keep = box_ops.nms(boxes.float(), scores.float(), self.object_nms_iou)
+            else:
+                keep = scores.argsort(descending=True, stable=True)
+            out.append(boxes[keep])
+        return out
 
     @torch.no_grad()
     def _objects(
-        self, fpn: dict[str, torch.Tensor], boxes: list[torch.Tensor], sizes: list[tuple[int, int]]
+        self,
+        padded: torch.Tensor,
+        fpn: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        sizes: list[tuple[int, int]],
+        labels: list[torch.Tensor] | None = None,
     ) -> Objects:
-        """The first ``object_tokens`` boxes of each image with the last cascade stage's box-head features
-        (RoIAlign on the FPN maps as the cascade pools them), zero-padded to one (B, N) batch.
+        """The first ``object_tokens`` boxes of each image, zero-padded to one (B, N) batch, each described by
+        what the detector knows of it (:meth:`CascadeRoIHeads.describe` on its RoIAlign features: the last
+        stage's box-head feature and the stage-averaged class probabilities) and by what it looks like: its
+        box's normalised pixels averaged into a 3 x 3 RGB thumbnail (RoIAlign sampling about every pixel).
+        The box head keeps what tells classes apart, not the colour that captions name.
 
-        Read without gradient and with the box head in eval mode (its norms neither update running
-        statistics nor sync across ranks here); every rank runs it even with no box, so ZeRO-3's weight
-        gathers stay in step.
+        In training (``labels``: the classes of the ground-truth ``boxes``) the class part is the one-hot of
+        the true class instead, as the boxes are the true ones: the decoder then learns what the class
+        part says from the first step, whereas the detector's probabilities say little until the detector
+        has learned (decoders that had to find it out later named the shapes badly in some seeds).
+
+        Read without gradient: the caption loss trains neither the box heads nor the FPN through them. Every
+        rank runs this even with no box, so ZeRO-3's weight gathers stay in step.
         """
         assert self.detector is not None
         heads = self.detector.roi_heads
-        box_head = heads.stages[-1].box_head
         boxes = [b[: self.object_tokens].to(torch.float32) for b in boxes]
-        was_training = box_head.training
-        box_head.eval()
-        try:
-            pooled = heads.box_roi_pool(fpn, boxes, sizes)
-            features = box_head(pooled).float()
-        finally:
-            box_head.train(was_training)
-        n, width = self.object_tokens, features.shape[-1]
-        out = Objects(
-            features.new_zeros((len(boxes), n, width)),
-            features.new_zeros((len(boxes), n, 4)),
-            torch.zeros((len(boxes), n), dtype=torch.int64, device=features.device),
+        feature, probs = heads.describe(heads.box_roi_pool(fpn, boxes, sizes))
+        if labels is not None:
+            classes = torch.cat([c[: self.object_tokens] for c in labels]).to(probs.device)
+            probs = F.one_hot(classes.long(), probs.shape[-1]).to(probs.dtype)
+        pixels = roi_align(
+            padded.float(), boxes, THUMBNAIL, spatial_scale=1.0, sampling_ratio=0, aligned=True
         )
-        for i, part in enumerate(features.split([len(b) for b in boxes])):
+        parts = torch.cat([feature, probs, pixels.flatten(1)], dim=-1)
+        n = self.object_tokens
+        out = Objects(
+            parts.new_zeros((len(boxes), n, parts.shape[-1])),
+            parts.new_zeros((len(boxes), n, 4)),
+            torch.zeros((len(boxes), n), dtype=torch.int64, device=parts.device),
+        )
+        for i, part in enumerate(parts.split([len(b) for b in boxes])):
             out.features[i, : len(part)] = part
             out.boxes[i, : len(part)] = boxes[i]
             out.mask[i, : len(part)] = 1
@@ -413,12 +442,17 @@ class TICOD(nn.Module):
         return [(int(h), int(w)) for h, w in image_sizes]
 
 
+def object_parts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Widths of the parts of an object's description (:meth:`TICOD._objects`): box-head feature, class
+    probabilities (K + 1) and RGB thumbnail."""
+    return cfg.roi.representation_size, cfg.num_classes + 1, 3 * THUMBNAIL * THUMBNAIL
+
+
 def largest(boxes: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` largest of (N, 4) xyxy boxes by area, in their given order (all of them when N <= n)."""
+    """Indices of the ``n`` largest of (N, 4) xyxy boxes by area, in their given order (all when N <= n)."""
     if len(boxes) <= n:
-        return boxes
-    keep = box_ops.box_area(boxes).argsort(descending=True, stable=True)[:n]
-    return boxes[keep.sort().values]
+        return torch.arange(len(boxes), device=boxes.device)
+    return box_ops.box_area(boxes).argsort(descending=True, stable=True)[:n].sort().values
 
 
 def labelled_tasks(has_boxes: Sequence[bool] | None, has_caption: Sequence[bool] | None) -> tuple[bool, bool]:

@@ -90,13 +90,26 @@ def test_kept_rows_are_the_source_models_and_new_rows_fresh(source_run, subset, 
     report = init_from(model, source_run, categories, tokenizer)
     source = read_source(source_run).state
     assert report.kept == [("circle", "circle"), ("triangle", "triangle")] and report.fresh == ["box"]
-    assert len(report.class_keys) == 6  # cls_score weight and bias of 3 stages (boxes class-agnostic)
+    # cls_score weight and bias of 3 stages (boxes class-agnostic), and the object tokens' projection of the
+    # class probabilities (a column per class).
+    columns = "captioner.objects.proj.1.0.weight"
+    assert sorted(report.class_keys) == sorted(
+        [
+            *(f"detector.roi_heads.stages.{i}.cls_score.{p}" for i in range(3) for p in ("weight", "bias")),
+            columns,
+        ]
+    )
     mine = model.state_dict()
     for key, value in source.items():
         if key in report.class_keys:
             # Source labels: circle 1, square 2, triangle 3 (of 6); here circle 1, box 2 (new), triangle 3.
-            assert torch.equal(mine[key][[0, 1, 3]], value[[0, 1, 3]]), key
-            assert torch.equal(mine[key][2], fresh[key][2]) and not torch.equal(mine[key][2], value[2]), key
+            m, v, f = (
+                (t.T for t in (mine[key], value, fresh[key]))
+                if key == columns
+                else (mine[key], value, fresh[key])
+            )
+            assert torch.equal(m[[0, 1, 3]], v[[0, 1, 3]]), key
+            assert torch.equal(m[2], f[2]) and not torch.equal(m[2], v[2]), key
         else:
             assert torch.equal(mine[key], value), key
     # The same weights from the export, the run dir and the checkpoint dir.

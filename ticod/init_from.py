@@ -7,7 +7,8 @@ that resumes, ``checkpoint.resume``, continues from its own checkpoint and ignor
 - Another label set: the class-specific layers (each cascade stage's ``cls_score``, and its ``bbox_pred``
   where boxes are class-specific) keep the background row and the rows of the classes both label sets
   have, matched by name (``data.category_map`` renames the new data's classes onto the model's names
-  first); the other rows keep their fresh initialisation. The log names the keys and the rows kept.
+  first); the other rows keep their fresh initialisation. The object tokens' projection of the class
+  probabilities has a column per class instead, mapped alike. The log names the keys and the rows kept.
 - Another tokenizer or vocabulary: refused. The caption decoder's embedding and LM head are the model's
   vocabulary; fine-tune with the source's tokenizer (``data.tokenizer=PATH/tokenizer`` of an export).
 - Any other difference of shape or key (another backbone, FPN width, caption decoder size) fails at
@@ -151,8 +152,21 @@ def init_weights(
         )
     new: dict[str, torch.Tensor] = {}
     k_src, k_new = len(src_names) + 1, len(names) + 1
+    columns = _class_column_keys(model)
     for key, value in state.items():
         mine = target[key]
+        if key in columns:  # one column per class: map them as the rows below, transposed
+            if value.shape != (mine.shape[0], k_src):
+                raise ConfigError(
+                    f"config key 'model.init_from': {source.path}: parameter {key} has shape "
+                    f"{tuple(value.shape)} in the source model: not {mine.shape[0]} x one column per class"
+                )
+            out = mine.detach().clone()
+            for j, i in rows.items():
+                out[:, j] = value[:, i]
+            new[key] = out
+            report.class_keys.append(key)
+            continue
         layer = key.split(".")[-2] if "." in key else ""
         # cls_score: one row per class; bbox_pred: four where class-specific (class-agnostic: 4 rows in all).
         per_class = "roi_heads." in key and (
@@ -182,6 +196,15 @@ def init_weights(
         report.class_keys.append(key)
     model.load_state_dict(new)
     return report
+
+
+def _class_column_keys(model: torch.nn.Module) -> set[str]:
+    """Names of the weights with one column per class (label 0 = background): the object tokens' projection
+    of the detector's class probabilities (``TICOD.object_class_weight``), where the model has one."""
+    weight = getattr(model, "object_class_weight", None)
+    return {
+        n for n, p in model.named_parameters(remove_duplicate=False) if weight is not None and p is weight
+    }
 
 
 def init_from(

@@ -27,6 +27,8 @@ from ticod.models.losses import LossCombiner
 
 # Side of the RGB thumbnail of each object's box that object tokens read (TICOD._objects).
 THUMBNAIL = 3
+# Which of the parts of an object's description (object_parts) is its class probabilities.
+OBJECT_CLASS_PART = 1
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,14 @@ class TICOD(nn.Module):
             loss_cfg, list(model_cfg.roi.stage_loss_weights), model_cfg.roi.box_loss_weight
         )
         self.tokenizer = tokenizer
+
+    @property
+    def object_class_weight(self) -> nn.Parameter | None:
+        """The weight (decoder width, K + 1) that projects an object's class probabilities, one column per
+        class (``model.init_from`` maps its columns to another label set); None without object tokens."""
+        if self.captioner is None or self.captioner.objects is None:
+            return None
+        return self.captioner.objects.proj[OBJECT_CLASS_PART][0].weight
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Switch activation checkpointing in the backbone, the cascade stages and the caption decoder."""

@@ -180,6 +180,8 @@ def test_describe_gives_the_last_box_head_feature_and_the_stage_averaged_probabi
     stats = [b.clone() for b in head.stages[0].box_head.buffers()]
     feature, probs = head.describe(pooled)
     assert all(stage.box_head.training for stage in head.stages)
+    alone, none = head.describe(pooled, class_probs=False)  # training's true classes: the last head alone
+    assert none is None and torch.equal(alone, feature) and head.stages[-1].box_head.training
     assert all(torch.equal(a, b) for a, b in zip(stats, head.stages[0].box_head.buffers(), strict=True))
     head.eval()
     expected = torch.stack([torch.softmax(stage(pooled)[0], -1) for stage in head.stages]).mean(0)

@@ -161,10 +161,7 @@ def init_weights(
                     f"config key 'model.init_from': {source.path}: parameter {key} has shape "
                     f"{tuple(value.shape)} in the source model: not {mine.shape[0]} x one column per class"
                 )
-            out = mine.detach().clone()
-            for j, i in rows.items():
-                out[:, j] = value[:, i]
-            new[key] = out
+            new[key] = _class_blocks(value.T, mine.T, rows, 1).T.contiguous()
             report.class_keys.append(key)
             continue
         layer = key.split(".")[-2] if "." in key else ""
@@ -189,13 +186,19 @@ def init_weights(
                 f"config key 'model.init_from': {source.path}: parameter {key} has shape {tuple(value.shape)} "
                 f"in the source model and {tuple(mine.shape)} in this one: not one row block per class"
             )
-        out = mine.detach().clone()
-        for j, i in rows.items():
-            out[j * width : (j + 1) * width] = value[i * width : (i + 1) * width]
-        new[key] = out
+        new[key] = _class_blocks(value, mine, rows, width)
         report.class_keys.append(key)
     model.load_state_dict(new)
     return report
+
+
+def _class_blocks(value: torch.Tensor, mine: torch.Tensor, rows: dict[int, int], width: int) -> torch.Tensor:
+    """A copy of ``mine`` whose block of ``width`` rows for each kept class j is ``value``'s block for its
+    source class i (``rows``: j -> i); the other classes' rows stay as initialised."""
+    out = mine.detach().clone()
+    for j, i in rows.items():
+        out[j * width : (j + 1) * width] = value[i * width : (i + 1) * width]
+    return out
 
 
 def _class_column_keys(model: torch.nn.Module) -> set[str]:

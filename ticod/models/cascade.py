@@ -376,22 +376,27 @@ class CascadeRoIHeads(nn.Module):
         ]
 
     @torch.no_grad()
-    def describe(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def describe(
+        self, roi_features: torch.Tensor, class_probs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the detector knows of given boxes' pooled features: the last stage's box-head feature
         (R, representation_size), which its classifier reads linearly, and the stage-averaged class
-        probabilities (R, K + 1), as :meth:`predict` scores. Every box head runs in eval mode here (its
-        norms neither update running statistics nor sync across ranks)."""
-        modes = [stage.box_head.training for stage in self.stages]
+        probabilities (R, K + 1), as :meth:`predict` scores (None with ``class_probs=False``: then only the
+        last box head runs). Every box head runs in eval mode here (its norms neither update running
+        statistics nor sync across ranks)."""
+        stages = self.stages if class_probs else self.stages[-1:]
+        modes = [stage.box_head.training for stage in stages]
         probs = []
         try:
-            for stage in self.stages:
+            for stage in stages:
                 stage.box_head.eval()
                 x = stage.box_head(roi_features)
-                probs.append(F.softmax(stage.cls_score(x).float(), dim=-1))
+                if class_probs:
+                    probs.append(F.softmax(stage.cls_score(x).float(), dim=-1))
         finally:
-            for stage, mode in zip(self.stages, modes, strict=True):
+            for stage, mode in zip(stages, modes, strict=True):
                 stage.box_head.train(mode)
-        return x.float(), torch.stack(probs).mean(dim=0)
+        return x.float(), torch.stack(probs).mean(dim=0) if class_probs else None
 
     def postprocess(
         self, boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int]

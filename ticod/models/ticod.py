@@ -399,10 +399,11 @@ class TICOD(nn.Module):
         assert self.detector is not None
         heads = self.detector.roi_heads
         boxes = [b[: self.object_tokens].to(torch.float32) for b in boxes]
-        feature, probs = heads.describe(heads.box_roi_pool(fpn, boxes, sizes))
-        if labels is not None:
-            classes = torch.cat([c[: self.object_tokens] for c in labels]).to(probs.device)
-            probs = F.one_hot(classes.long(), probs.shape[-1]).to(probs.dtype)
+        feature, probs = heads.describe(heads.box_roi_pool(fpn, boxes, sizes), class_probs=labels is None)
+        if labels is not None:  # the true classes: only the last box head ran, for its feature
+            classes = torch.cat([c[: self.object_tokens] for c in labels]).to(feature.device)
+            probs = F.one_hot(classes.long(), heads.num_classes + 1).to(feature.dtype)
+        assert probs is not None
         pixels = roi_align(
             padded.float(), boxes, THUMBNAIL, spatial_scale=1.0, sampling_ratio=0, aligned=True
         )

@@ -73,6 +73,7 @@ def test_bad_enum_names_it():
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
         (["model.captioner.object_tokens=-1"], "model.captioner.object_tokens"),
         (["model.captioner.object_nms_iou=0"], "model.captioner.object_nms_iou"),
+        (["model.captioner.length_penalty=nan"], "model.captioner.length_penalty"),
         (["data.train_min_sizes=[900]", "data.max_size=800"], "data.max_size"),
     ],
 )

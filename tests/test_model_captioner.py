@@ -254,6 +254,21 @@ def test_beam_search_with_cache_batches_images_independently():
         assert batched[i].tolist() == until(cached.tolist(), EOS)
 
 
+def test_length_penalty_ranks_finished_beams_by_length():
+    """model.captioner.length_penalty reaches beam search (transformers' summed log-probability / length **
+    penalty): below 0 it favours short captions, above 0 long ones."""
+    lengths: dict[float, list[int]] = {}
+    for penalty in (-2.0, 2.0):
+        dec = decoder(num_beams=4, max_new_tokens=8, length_penalty=penalty).eval()
+        spread_weights(dec)
+        lengths[penalty] = []
+        for eos in range(3, 21):  # end tokens that the beams meet at various steps
+            dec.eos_token_id = eos
+            lengths[penalty] += [len(g) for g in dec.generate(maps(), SIZES, PADDED)]
+    assert all(a <= b for a, b in zip(lengths[-2.0], lengths[2.0], strict=True))
+    assert sum(lengths[-2.0]) < sum(lengths[2.0]) - 10
+
+
 def test_pretrained_gpt2_from_a_local_dir_adds_only_cross_attention(tmp_path):
     torch.manual_seed(5)
     source = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=32, n_layer=2, n_head=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,9 @@ class CaptionerConfig:
     object_nms_iou: float = 0.5
     max_new_tokens: int = 30
     num_beams: int = 1  # 1 = greedy
+    # Beam search ranks a caption by its summed log-probability / length ** length_penalty (transformers'
+    # rule): < 1 favours shorter captions, > 1 longer ones.
+    length_penalty: float = 1.0
     dropout: float = 0.1
     # Label smoothing of the caption cross-entropy (0: none; 0.1 is common for captioning transformers).
     label_smoothing: float = 0.0
@@ -576,6 +580,8 @@ def validate(cfg: Config | DictConfig) -> None:
         fail("data.max_caption_tokens", f"exceeds model.captioner.n_positions={cap.n_positions}")
     if cap.num_beams < 1:
         fail("model.captioner.num_beams", "must be >= 1")
+    if not math.isfinite(cap.length_penalty):
+        fail("model.captioner.length_penalty", "must be a finite number")
     if not 0.0 <= cap.label_smoothing < 1.0:
         fail("model.captioner.label_smoothing", "must be in [0, 1)")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:

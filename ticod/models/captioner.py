@@ -201,6 +201,7 @@ class CaptionDecoder(nn.Module):
         self.objects = ObjectMemory(object_parts, self.gpt.config.n_embd) if object_parts else None
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.num_beams = cfg.num_beams
+        self.length_penalty = cfg.length_penalty
         self.label_smoothing = cfg.label_smoothing
         self.max_new_tokens = cfg.max_new_tokens
         # Set by the caller while ranks run the decoder in lockstep (ZeRO-3 gathers its weights at every
@@ -326,6 +327,7 @@ class CaptionDecoder(nn.Module):
             encoder_hidden_states=memory,
             encoder_attention_mask=memory_mask,
             num_beams=num_beams or self.num_beams,
+            length_penalty=self.length_penalty,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             do_sample=False,
             use_cache=use_cache,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
 import torch
 from helpers import load_tool
 
@@ -77,3 +82,27 @@ def test_quality_heldout_reads_an_evaluated_run_and_counts_its_distinct_captions
     (out / "metrics.json").write_text('{"AP": 0.8}')
     got = quality.heldout_metrics(tmp_path, tmp_path / "no_shards")
     assert got["AP"] == 0.8 and got["images"] == 0 and all(got[k] != got[k] for k in ("CIDEr", "distinct"))
+
+
+def test_run_in_own_group_kills_what_the_command_started_on_a_timeout(tmp_path):
+    """A launcher killed alone leaves its ranks running (the opt-in COCO test's pytest timeout did)."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    with pytest.raises(subprocess.TimeoutExpired):
+        bench.run_in_own_group(["bash", "-c", script], log=tmp_path / "log", timeout=2)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the command's child outlived it"
+    assert bench.run_in_own_group(["bash", "-c", "echo hi; exit 3"], log=tmp_path / "log2") == 3
+    assert (tmp_path / "log2").read_text() == "hi\n"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by its reparented parent, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

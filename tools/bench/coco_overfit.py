@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, Report, Row, Target, add_coco_arg, workdir
+from common import ROOT, Report, Row, Target, add_coco_arg, run_in_own_group, workdir
 
 from ticod import checkpoint as ck
 from ticod.shard_coco import main as shard_coco
@@ -83,18 +82,11 @@ def overfit(
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     log_path = work / "train.log"
-    with log_path.open("w") as log:
-        proc = subprocess.run(
-            train_command(nproc, [*overrides, *extra]),
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    code = run_in_own_group(train_command(nproc, [*overrides, *extra]), log=log_path, env=env)
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ticod.train exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+    if code != 0:
+        raise RuntimeError(f"ticod.train exited {code}:\n{log_path.read_text()[-4000:]}")
     final = ck.list_checkpoints(run_dir)[-1]
     state = ck.read_trainer_state(final)
     done = state["train"]["step"]

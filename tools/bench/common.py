@@ -15,7 +15,9 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -378,6 +380,24 @@ def workdir(keep: str = "") -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="ticod-bench-") as tmp:
         yield Path(tmp)
+
+
+def run_in_own_group(
+    cmd: list[str], *, log: Path, env: dict[str, str] | None = None, timeout: float | None = None
+) -> int:
+    """Run ``cmd`` (a launcher, say) with its output in ``log``, in a session of its own; its exit status.
+
+    The whole process group is SIGKILLed on the way out, also on a timeout or an interrupt (a pytest
+    timeout, Ctrl-C): killing the launcher alone leaves its ranks training on, orphaned.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # ranks and workers the launcher left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def make_demo_data(

@@ -25,20 +25,17 @@ Timings of a shared CPU move with its load; the parts' shares are the numbers to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, Report, Row, make_demo_data, workdir
+from common import ROOT, Report, Row, make_demo_data, run_in_own_group, workdir
 
 from ticod.checkpoint import list_checkpoints
 
@@ -82,16 +79,8 @@ def launch(ranks: int, overrides: list[str], log: Path, timeout: int) -> tuple[f
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", _port(), "--module", "ticod.train"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with log.open("w") as out:
-        start = time.time()
-        proc = subprocess.Popen(
-            [*cmd, *overrides], cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout=timeout)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # ranks and workers the launcher left behind
-                os.killpg(proc.pid, signal.SIGKILL)
+    start = time.time()
+    code = run_in_own_group([*cmd, *overrides], log=log, env=env, timeout=timeout)
     return start, code
 
 
